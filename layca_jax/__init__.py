@@ -1,0 +1,48 @@
+"""layca-jax: measure and control layer rotation in JAX/Optax.
+
+Layer rotation (Carbonnelle & De Vleeschouwer, 2019) is the cosine distance
+between each layer's weights and their initialisation; Layca sets each
+layer's rotation rate directly.
+
+Layout: :mod:`layca_jax._layers` (which leaves are layers, their units and
+order), :mod:`layca_jax._numerics` (safe float32 reductions),
+:mod:`layca_jax._layca` (the ``layca`` and ``keep_norm`` links),
+:mod:`layca_jax._optimizers` (the paper's optimizers),
+:mod:`layca_jax._rotation` (measurement).
+"""
+
+from layca_jax._layca import KeepNormState
+from layca_jax._layca import keep_norm
+from layca_jax._layca import layca
+from layca_jax._layca import LaycaState
+from layca_jax._layca import norm_drift
+from layca_jax._layca import skipped_steps
+from layca_jax._layers import alpha_multipliers
+from layca_jax._layers import layer_specs
+from layca_jax._layers import LayerSpec
+from layca_jax._optimizers import layca_adagrad
+from layca_jax._optimizers import layca_adam
+from layca_jax._optimizers import layca_rmsprop
+from layca_jax._optimizers import layca_sgd
+from layca_jax._rotation import layer_rotation
+from layca_jax._rotation import step_rotation
+
+__version__ = '0.1.0'
+
+__all__ = (
+    'KeepNormState',
+    'LayerSpec',
+    'LaycaState',
+    'alpha_multipliers',
+    'keep_norm',
+    'layca',
+    'layca_adagrad',
+    'layca_adam',
+    'layca_rmsprop',
+    'layca_sgd',
+    'layer_rotation',
+    'layer_specs',
+    'norm_drift',
+    'skipped_steps',
+    'step_rotation',
+)

@@ -1,0 +1,369 @@
+"""Layca's two links: ``layca`` (Algorithm 1, steps 1-2) and ``keep_norm`` (step 4).
+
+Algorithm 1 of Carbonnelle & De Vleeschouwer (2019), for each layer ``w``
+with a step ``s`` proposed by a base optimizer:
+
+1. ``s <- s - (<s, w> / <w, w>) w``   (project on the sphere's tangent space)
+2. ``s <- s * |w| / |s|``             (rotation-based normalisation)
+3. ``w <- w - rho * s``               (any optax scaling link, e.g. ``sgd``)
+4. ``w <- w * |w(0)| / |w|``          (back on the initial sphere)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from layca_jax import _layers
+from layca_jax import _numerics as nx
+from layca_jax._layers import LayerSpec, PerLeaf, PyTree, UnitOptions
+
+
+def _unit_norms(params: PyTree, specs, axis_names) -> list[jax.Array | None]:
+  """Per-unit norms of each layer leaf, None at the others."""
+  return [nx.unit_norm(x, spec, axis) if spec is not None else None
+          for spec, x, axis in zip(specs, jax.tree.leaves(params), axis_names)]
+
+
+def _check_nonzero_norms(norms: list[jax.Array | None], specs) -> None:
+  """ValueError naming the layer if a concrete norm is zero."""
+  for spec, norm in zip(specs, norms):
+    if spec is None:
+      continue
+    value = nx.concrete_or_none(norm)
+    if value is not None and np.any(value == 0):
+      where = '' if value.ndim == 0 else (
+          f' at unit indices {np.argwhere(value == 0)[:5].tolist()}')
+      raise ValueError(
+          f'Layer {spec.path!r} has zero norm{where}: a zero weight tensor '
+          f'cannot rotate. Initialise it with non-zero values or exclude it '
+          f'with `mask`.')
+
+
+def _require_params(params: PyTree | None, name: str) -> None:
+  if params is None:
+    raise ValueError(
+        f'{name}.update needs the current params: call '
+        f'`tx.update(updates, state, params)` (as `nnx.Optimizer` and '
+        f'`optax.apply_updates` loops do).')
+
+
+def multiplier_values(multipliers: PerLeaf, params: PyTree,
+                      specs) -> list[jax.Array | None]:
+  """Per-leaf multipliers shaped ``keepdims_shape`` (None at non-layers).
+
+  Concrete values are checked: a negative or NaN multiplier is a ValueError
+  naming its leaf.
+  """
+  if multipliers is None:
+    return [None] * len(specs)
+  values = _layers.broadcast_option(
+      multipliers, params, 'multipliers',
+      lambda x: x is None or isinstance(x, (int, float)) or (
+          hasattr(x, 'shape') and hasattr(x, 'dtype')))
+  out = []
+  for spec, m in zip(specs, values):
+    if spec is None or m is None:
+      out.append(None)
+      continue
+    concrete = nx.concrete_or_none(m)
+    if concrete is not None and not np.all(concrete >= 0):
+      raise ValueError(
+          f'Multiplier for {spec.path!r} must be finite and >= 0, got '
+          f'{concrete}.')
+    out.append(nx.from_units(jnp.asarray(m, jnp.float32), spec))
+  return out
+
+
+# ---------------------------------------------------------------------------
+# layca: steps 1-2.
+
+
+class LaycaState(NamedTuple):
+  """State of :func:`layca`.
+
+  Attributes:
+    initial_norm: per-unit norms of the params at ``init`` (float32).
+    norm: per-unit norms seen at the last ``update``; with
+      :func:`norm_drift`, tells whether something holds the norm.
+    skipped: per-unit count of steps whose incoming update held a NaN or
+      Inf (those units got a zero step; see :func:`skipped_steps`).
+  """
+
+  initial_norm: PyTree
+  norm: PyTree
+  skipped: PyTree
+
+
+def _tangent_step(spec: LayerSpec, step: jax.Array, param: jax.Array,
+                  multiplier: jax.Array | None, axis_name):
+  """Steps 1-2 on one leaf. Returns (new step, param norm, finite flags)."""
+  w_hat, w_scale, _ = nx.normalize_pow2(nx.upcast(param), spec, axis_name)
+  s_hat, _, finite = nx.normalize_pow2(nx.upcast(step), spec, axis_name)
+  ww = nx.unit_sum(w_hat * w_hat, spec, axis_name)
+  sw = nx.unit_sum(s_hat * w_hat, spec, axis_name)
+  tangent = s_hat - jnp.where(ww > 0, sw / jnp.where(ww > 0, ww, 1.0), 0.0) * w_hat
+  # Measured on the projected step itself, not as <s,s> - <s,w>^2/<w,w>,
+  # which cancels when the step is nearly parallel to the weights.
+  tt = nx.unit_sum(tangent * tangent, spec, axis_name)
+  w_norm = jnp.sqrt(ww)
+  factor = jnp.where(tt > 0, w_norm / jnp.sqrt(jnp.where(tt > 0, tt, 1.0)), 0.0)
+  if multiplier is not None:
+    factor = factor * multiplier
+  new_step = (tangent * factor) * w_scale
+  return new_step.astype(step.dtype), nx.to_units(w_norm * w_scale, spec), finite
+
+
+def layca(
+    *,
+    mask: PerLeaf = None,
+    per_neuron: PerLeaf = False,
+    stack_axes: PerLeaf = 0,
+    multipliers: PerLeaf = None,
+    axis_name: PerLeaf = None,
+) -> optax.GradientTransformation:
+  """Layca's steps 1-2: turn each layer's step into a rotation of the layer.
+
+  For every layer unit ``w`` with incoming step ``s`` (a gradient, or the
+  direction of a base optimizer placed before this link), the output is
+  ``s`` projected on the tangent space of the sphere through ``w`` and
+  rescaled to ``|w|`` (times the unit's multiplier). Scaling it by ``rho``
+  turns the layer by ``atan(rho)``; a zero step stays zero. Non-layer leaves
+  pass through unchanged. A unit whose step holds NaN or Inf gets a zero step
+  (its weights stay) and the state counts it.
+
+  Alone this link does not hold the norm (each step grows it by
+  ``sqrt(1 + rho^2)``): end the chain with :func:`keep_norm`.
+
+  Args:
+    mask: which leaves are layers; ``None`` for floating leaves with
+      ``ndim >= 2`` (per slice). A bool pytree or a callable of params.
+    per_neuron: one rotation unit per output channel (last axis).
+    stack_axes: leading axes indexing independent layers (scanned blocks).
+    multipliers: per-unit rate multipliers (a pytree matching params, values
+      at non-layer leaves ignored, or a callable of params), e.g. from
+      :func:`alpha_multipliers`. Scalars, stack-shaped or unit-shaped arrays.
+    axis_name: mesh axis a layer is split over inside ``shard_map``/``pmap``
+      (per-unit sums are ``psum``-ed): one name, or a pytree/callable per
+      leaf with ``None`` for replicated leaves. ``init`` must then run
+      under the same mapping.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import layca_jax as lx
+    >>> params = {'kernel': jnp.array([[1., 0.], [0., 1.]]), 'bias': jnp.ones(2)}
+    >>> tx = optax.chain(lx.layca(), optax.sgd(0.1), lx.keep_norm())
+    >>> state = tx.init(params)
+    >>> grads = {'kernel': jnp.array([[0., 1.], [1., 0.]]), 'bias': jnp.ones(2)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> angle = lx.step_rotation(params, new)['kernel']
+    >>> bool(jnp.isclose(angle, jnp.arctan(0.1)))
+    True
+  """
+  options = UnitOptions(mask, per_neuron, stack_axes, axis_name)
+
+  def init_fn(params):
+    specs = options.specs(params)
+    multiplier_values(multipliers, params, specs)  # Validates early.
+    norms = _unit_norms(params, specs, options.axis_names(params))
+    _check_nonzero_norms(norms, specs)
+    treedef = jax.tree.structure(params)
+    skipped = [n if n is None else jnp.zeros(n.shape, jnp.int32) for n in norms]
+    return LaycaState(initial_norm=treedef.unflatten(norms),
+                      norm=treedef.unflatten(norms),
+                      skipped=treedef.unflatten(skipped))
+
+  def update_fn(updates, state, params=None):
+    _require_params(params, 'layca')
+    specs = options.specs(params)
+    leaves, treedef = jax.tree.flatten(params)
+    steps = treedef.flatten_up_to(updates)
+    results = [
+        _tangent_step(spec, s, w, m, axis) if spec is not None else None
+        for spec, s, w, m, axis in zip(
+            specs, steps, leaves, multiplier_values(multipliers, params, specs),
+            options.axis_names(params))]
+    new_updates = treedef.unflatten(
+        [r[0] if r is not None else s for r, s in zip(results, steps)])
+    norm = treedef.unflatten([r and r[1] for r in results])
+    finite = treedef.unflatten(
+        [r and nx.to_units(r[2], spec) for r, spec in zip(results, specs)])
+    skipped = jax.tree.map(lambda c, f: c + (~f).astype(jnp.int32),
+                           state.skipped, finite)
+    return new_updates, LaycaState(state.initial_norm, norm, skipped)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# keep_norm: step 4.
+
+
+class KeepNormState(NamedTuple):
+  """State of :func:`keep_norm`: per-unit norms at ``init`` (float32)."""
+
+  initial_norm: PyTree
+
+
+def _back_on_sphere(spec: LayerSpec, update: jax.Array, param: jax.Array,
+                    initial_norm: jax.Array, axis_name) -> jax.Array:
+  w = nx.upcast(param)
+  target = w + nx.upcast(update)
+  t_hat, _, finite = nx.normalize_pow2(target, spec, axis_name)
+  tt = nx.unit_sum(t_hat * t_hat, spec, axis_name)
+  n0 = nx.from_units(initial_norm, spec)
+  usable = finite & (tt > 0) & (n0 > 0)
+  factor = n0 / jnp.sqrt(jnp.where(usable, tt, 1.0))
+  new = jnp.where(usable, t_hat * factor, w)
+  return (new - w).astype(update.dtype)
+
+
+def keep_norm(
+    *,
+    mask: PerLeaf = None,
+    per_neuron: PerLeaf = False,
+    stack_axes: PerLeaf = 0,
+    axis_name: PerLeaf = None,
+) -> optax.GradientTransformation:
+  """Layca's step 4: land every layer unit back on its initial sphere.
+
+  The last link of a chain: ``init`` stores each unit's norm; ``update``
+  returns the update that moves ``params + updates`` radially back to that
+  norm, whatever came before. A unit whose ``params + updates`` is not
+  finite (or zero) keeps its weights. Non-layer leaves pass through.
+  ``optax.chain(optax.adam(lr), lx.keep_norm())`` is Adam on each layer's
+  sphere.
+
+  Args:
+    mask: which leaves are layers (see :func:`layca`).
+    per_neuron: one unit per output channel (last axis).
+    stack_axes: leading axes indexing independent layers.
+    axis_name: mesh axis a layer is split over (see :func:`layca`).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import layca_jax as lx
+    >>> params = {'kernel': jnp.array([[3., 0.], [0., 4.]])}
+    >>> tx = optax.chain(optax.sgd(0.5), lx.keep_norm())
+    >>> state = tx.init(params)
+    >>> grads = {'kernel': -jnp.ones((2, 2))}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> float(jnp.linalg.norm(new['kernel']))
+    5.0
+  """
+  options = UnitOptions(mask, per_neuron, stack_axes, axis_name)
+
+  def init_fn(params):
+    specs = options.specs(params)
+    norms = _unit_norms(params, specs, options.axis_names(params))
+    _check_nonzero_norms(norms, specs)
+    return KeepNormState(jax.tree.structure(params).unflatten(norms))
+
+  def update_fn(updates, state, params=None):
+    _require_params(params, 'keep_norm')
+    specs = options.specs(params)
+    leaves, treedef = jax.tree.flatten(params)
+    return _layers.map_layers(
+        lambda spec, u, w, n0, axis: _back_on_sphere(spec, u, w, n0, axis),
+        specs, treedef, treedef.flatten_up_to(updates), leaves,
+        treedef.flatten_up_to(state.initial_norm), options.axis_names(params),
+    ), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# Reading the states.
+
+
+def _find_states(state: Any, kind: type) -> list[Any]:
+  found = []
+
+  def visit(node):
+    if isinstance(node, kind):
+      found.append(node)
+    elif isinstance(node, (tuple, list)):
+      for child in node:
+        visit(child)
+    elif isinstance(node, dict):
+      for child in node.values():
+        visit(child)
+    elif hasattr(node, '__dict__') and not isinstance(node, jax.Array):
+      for child in vars(node).values():
+        visit(child)
+
+  visit(state)
+  return found
+
+
+def _the_layca_state(state: Any) -> LaycaState:
+  found = _find_states(state, LaycaState)
+  if len(found) != 1:
+    raise ValueError(
+        f'Expected exactly one layca state inside the optimizer state, found '
+        f'{len(found)}.')
+  return found[0]
+
+
+def skipped_steps(state: Any) -> PyTree:
+  """Per-unit count of steps skipped for a non-finite update.
+
+  Args:
+    state: the state of :func:`layca`, of a chain holding it, or of a Layca
+      optimizer, at any depth.
+
+  Returns:
+    A pytree like the params: int32 counts per unit, None at non-layer leaves.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import layca_jax as lx
+    >>> params = {'kernel': jnp.eye(2)}
+    >>> tx = lx.layca_sgd(0.1)
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'kernel': jnp.full((2, 2), jnp.nan)}, state, params)
+    >>> int(lx.skipped_steps(state)['kernel'])
+    1
+  """
+  return _the_layca_state(state).skipped
+
+
+def norm_drift(state: Any) -> PyTree:
+  """Relative change of each unit's norm since ``init``, as seen by layca.
+
+  Zero (to float precision) when the chain ends with :func:`keep_norm`; a
+  chain without it drifts by ``sqrt(1 + rho^2)`` per step.
+
+  Args:
+    state: a state holding a :func:`layca` state, at any depth.
+
+  Returns:
+    ``|w_t| / |w_0| - 1`` per unit (float32), None at non-layer leaves,
+    where ``w_t`` are the params given to the last ``update``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import layca_jax as lx
+    >>> params = {'kernel': jnp.eye(2)}
+    >>> tx = optax.chain(lx.layca(), optax.sgd(1.0))  # no keep_norm
+    >>> state = tx.init(params)
+    >>> for _ in range(2):
+    ...   updates, state = tx.update({'kernel': jnp.ones((2, 2))}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> round(float(lx.norm_drift(state)['kernel']), 4)  # one step seen
+    0.4142
+  """
+  s = _the_layca_state(state)
+  return jax.tree.map(lambda n, n0: n / n0 - 1.0, s.norm, s.initial_norm)

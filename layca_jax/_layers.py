@@ -1,0 +1,379 @@
+"""Which leaves are layers, how they split into rotation units, and their order.
+
+Every public function of layca-jax that looks at layers goes through
+:func:`layer_specs`, so "what is a layer" has one meaning everywhere:
+
+* By default a layer is a floating-point leaf with at least two dimensions
+  (kernels of dense, conv and embedding layers); biases and normalisation
+  scales are not layers. Integer and boolean leaves are never layers.
+* ``mask`` overrides the default: a bool pytree matching the params (or a
+  prefix of them), or a callable taking the params and returning one.
+* ``per_neuron=True`` makes each output channel (the last axis, flax's layout)
+  a rotation unit of its own instead of the whole tensor.
+* ``stack_axes=k`` says that the first ``k`` axes index independent layers
+  (params of ``nn.scan``/``nnx.scan``/``vmap``-ed blocks): each slice is a
+  layer. The default ``ndim >= 2`` rule then applies to a slice.
+
+``per_neuron`` and ``stack_axes`` accept a single value, a pytree of values
+matching the params, or a callable of the params.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+PerLeaf = Union[Any, PyTree, Callable[[PyTree], PyTree]]
+"""An option given once for all leaves, as a pytree matching the params, or
+as a callable of the params returning such a pytree."""
+
+
+class LayerSpec(NamedTuple):
+  """How one leaf splits into rotation units.
+
+  Attributes:
+    path: the leaf's '/'-joined path, e.g. ``'Conv_0/kernel'``.
+    shape: the leaf's shape.
+    stack_axes: how many leading axes index independent layers.
+    per_neuron: whether each output channel (last axis) is its own unit.
+  """
+
+  path: str
+  shape: tuple[int, ...]
+  stack_axes: int
+  per_neuron: bool
+
+  @property
+  def reduce_axes(self) -> tuple[int, ...]:
+    """Axes summed over to get one number per unit."""
+    end = len(self.shape) - (1 if self.per_neuron else 0)
+    return tuple(range(self.stack_axes, end))
+
+  @property
+  def unit_shape(self) -> tuple[int, ...]:
+    """Shape of per-unit quantities (norms, rotations, multipliers)."""
+    return tuple(self.shape[a] for a in range(len(self.shape))
+                 if a not in self.reduce_axes)
+
+  @property
+  def stack_shape(self) -> tuple[int, ...]:
+    """Shape indexing the independent layers held by this leaf."""
+    return tuple(self.shape[: self.stack_axes])
+
+  @property
+  def keepdims_shape(self) -> tuple[int, ...]:
+    """Per-unit shape with reduced axes kept as 1, broadcastable to the leaf."""
+    return tuple(1 if a in self.reduce_axes else d
+                 for a, d in enumerate(self.shape))
+
+
+def path_name(path: Sequence[Any]) -> str:
+  """Joins a jax key path into ``'a/b/0/c'``."""
+  parts = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+  """'/'-joined paths of the leaves of ``tree``, in flattening order."""
+  return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def natural_key(name: str) -> tuple:
+  """Sort key under which ``Dense_2`` precedes ``Dense_10``."""
+  return tuple(int(t) if t.isdigit() else t
+               for t in re.split(r'(\d+)', name))
+
+
+def broadcast_option(option: PerLeaf, params: PyTree, name: str,
+                     is_value: Callable[[Any], bool]) -> list[Any]:
+  """Resolves a per-leaf option to a flat list aligned with params' leaves.
+
+  Args:
+    option: one value for all leaves, a pytree matching (or a prefix of) the
+      params, or a callable of the params returning either.
+    params: the parameter pytree.
+    name: the option's name, for error messages.
+    is_value: tells a single value from a pytree of values.
+
+  Returns:
+    One value per leaf of ``params``, in flattening order.
+  """
+  treedef = jax.tree.structure(params)
+  if callable(option) and not is_value(option):
+    option = option(params)
+  if is_value(option):
+    return [option] * treedef.num_leaves
+  try:
+    return treedef.flatten_up_to(option)
+  except (ValueError, TypeError) as e:
+    try:  # A prefix of params: broadcast each entry over its subtree.
+      expanded = jax.tree.map(
+          lambda o, sub: jax.tree.map(lambda _: o, sub), option, params,
+          is_leaf=lambda x: x is None or is_value(x))
+      return treedef.flatten_up_to(expanded)
+    except (ValueError, TypeError):
+      raise ValueError(
+          f'`{name}` must be a single value, a pytree matching the params, '
+          f'or a callable of the params; its structure does not match the '
+          f'params: {e}') from None
+
+
+def _is_bool(x: Any) -> bool:
+  return x is None or isinstance(x, (bool, np.bool_)) or (
+      hasattr(x, 'dtype') and getattr(x, 'shape', None) == ()
+      and x.dtype == bool)
+
+
+def _is_int(x: Any) -> bool:
+  return x is None or (isinstance(x, (int, np.integer))
+                       and not isinstance(x, bool))
+
+
+def is_floating(leaf: Any) -> bool:
+  """Whether a leaf is a floating-point array (only those can be layers)."""
+  dtype = getattr(leaf, 'dtype', None)
+  return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
+def layer_specs(
+    params: PyTree,
+    mask: PerLeaf = None,
+    per_neuron: PerLeaf = False,
+    stack_axes: PerLeaf = 0,
+) -> list[LayerSpec | None]:
+  """Decides which leaves of ``params`` are layers and how they split.
+
+  Args:
+    params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
+    mask: ``None`` for the default rule (floating leaves with at least two
+      dimensions per slice), else a bool pytree or a callable of params
+      marking the layers. Non-floating leaves are never layers.
+    per_neuron: whether each output channel (last axis) is its own unit.
+    stack_axes: number of leading axes that index independent layers.
+
+  Returns:
+    A flat list aligned with ``jax.tree.leaves(params)``: a
+    :class:`LayerSpec` for each layer leaf, ``None`` for the others.
+
+  Raises:
+    ValueError: when an option does not fit its leaf, naming the leaf path.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from layca_jax._layers import layer_specs
+    >>> params = {'dense': {'kernel': jnp.ones((3, 4)), 'bias': jnp.ones(4)}}
+    >>> [s and s.path for s in layer_specs(params)]
+    [None, 'dense/kernel']
+  """
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  masks = (broadcast_option(mask, params, 'mask', _is_bool)
+           if mask is not None else [None] * len(flat))
+  neurons = broadcast_option(per_neuron, params, 'per_neuron', _is_bool)
+  stacks = broadcast_option(stack_axes, params, 'stack_axes', _is_int)
+  specs = []
+  for (path, leaf), m, neuron, stack in zip(flat, masks, neurons, stacks):
+    name = path_name(path)
+    shape = tuple(getattr(leaf, 'shape', ()))
+    stack = int(stack or 0)
+    neuron = bool(neuron)
+    if stack < 0:
+      raise ValueError(f'stack_axes at {name!r} must be >= 0, got {stack}.')
+    if m is None:
+      is_layer = is_floating(leaf) and len(shape) - stack >= 2
+    else:
+      is_layer = bool(m) and is_floating(leaf)
+    if not is_layer:
+      specs.append(None)
+      continue
+    need = stack + (2 if neuron else 1)
+    if len(shape) < need:
+      what = (f'stack_axes={stack}' + (' and per_neuron=True' if neuron else ''))
+      raise ValueError(
+          f'Layer {name!r} of shape {shape} cannot be split with {what}: it '
+          f'needs at least {need} dimensions ({stack} stacked, '
+          f'{"an output axis and " if neuron else ""}at least one reduced).')
+    specs.append(LayerSpec(name, shape, stack, neuron))
+  return specs
+
+
+def map_layers(fn: Callable[..., Any], specs: Sequence[LayerSpec | None],
+               treedef: Any, *columns: Sequence[Any],
+               other: Callable[..., Any] = lambda x, *_: x) -> PyTree:
+  """Builds a tree of ``treedef`` from per-leaf columns.
+
+  Each leaf is ``fn(spec, *row)`` at layer leaves and ``other(*row)``
+  elsewhere (the row's first entry by default), where ``row`` holds the
+  leaf's entry of each column (flat lists aligned with ``specs``).
+  """
+  out = [fn(s, *row) if s is not None else other(*row)
+         for s, *row in zip(specs, *columns)]
+  return treedef.unflatten(out)
+
+
+def check_same_structure(params: PyTree, other: PyTree, what: str) -> None:
+  """Raises a ValueError naming the first path where ``other`` differs."""
+  p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
+  o_flat, o_def = jax.tree_util.tree_flatten_with_path(other)
+  if p_def != o_def:
+    p_paths = {path_name(p) for p, _ in p_flat}
+    o_paths = {path_name(p) for p, _ in o_flat}
+    missing = sorted(p_paths - o_paths, key=natural_key)
+    extra = sorted(o_paths - p_paths, key=natural_key)
+    raise ValueError(
+        f'{what} must have the structure of params. Missing paths: '
+        f'{missing or "none"}; unexpected paths: {extra or "none"}.'
+        + ('' if missing or extra else f' Tree definitions: {p_def} vs {o_def}.'))
+  for (path, p), (_, o) in zip(p_flat, o_flat):
+    if np.shape(p) != np.shape(o):
+      raise ValueError(
+          f'{what} at {path_name(path)!r} has shape {np.shape(o)}, expected '
+          f'{np.shape(p)} (the shape of params).')
+
+
+# ---------------------------------------------------------------------------
+# Layer order and the alpha family of layer-wise rates.
+
+
+def layer_order(specs: Sequence[LayerSpec | None],
+                order: Sequence[str] | None = None) -> list[int]:
+  """Indices (into ``specs``) of the layer leaves in forward order.
+
+  Args:
+    specs: as returned by :func:`layer_specs`.
+    order: ``None`` for a natural sort of the paths (``Dense_2`` before
+      ``Dense_10``), or the layer paths in forward order (e.g. from
+      :func:`layca_jax.forward_order`). Every layer path must appear once;
+      paths of non-layer leaves are skipped.
+
+  Returns:
+    Leaf indices of the layers, input layer first.
+  """
+  index = {s.path: i for i, s in enumerate(specs) if s is not None}
+  if order is None:
+    return [index[p] for p in sorted(index, key=natural_key)]
+  if isinstance(order, str):
+    raise TypeError('`order` must be a sequence of layer paths, not a string.')
+  known = {s.path for s in specs if s is not None}
+  listed = [p for p in order if p in known]
+  dupes = sorted({p for p in listed if listed.count(p) > 1})
+  missing = sorted(known - set(listed), key=natural_key)
+  if dupes or missing:
+    raise ValueError(
+        f'`order` must list every layer path exactly once. Missing: '
+        f'{missing or "none"}; repeated: {dupes or "none"}.')
+  return [index[p] for p in listed]
+
+
+def alpha_rates(num_layers: int, alpha: float) -> np.ndarray:
+  """The paper's layer-wise rate multipliers ``m_l`` for ``alpha``.
+
+  ``alpha > 0`` slows early layers: ``m_l = ((1 - alpha)^(5/(L-1)))^(L-1-l)``;
+  ``alpha <= 0`` slows late layers: ``m_l = ((1 + alpha)^(5/(L-1)))^l``.
+  """
+  alpha = float(alpha)
+  if not -1.0 <= alpha <= 1.0:
+    raise ValueError(f'alpha must lie in [-1, 1], got {alpha}.')
+  if num_layers <= 1:
+    return np.ones(num_layers)
+  l = np.arange(num_layers, dtype=np.float64)
+  last = num_layers - 1
+  if alpha > 0:
+    return ((1.0 - alpha) ** (5.0 / last)) ** (last - l)
+  return ((1.0 + alpha) ** (5.0 / last)) ** l
+
+
+def alpha_multipliers(
+    params: PyTree,
+    alpha: float,
+    order: Sequence[str] | None = None,
+    *,
+    mask: PerLeaf = None,
+    per_neuron: PerLeaf = False,
+    stack_axes: PerLeaf = 0,
+) -> PyTree:
+  """The paper's ``alpha`` family of layer-wise rotation rate multipliers.
+
+  With ``L`` layers in forward order (``l = 0`` is the input layer),
+  ``alpha > 0`` gives ``m_l = ((1 - alpha) ** (5 / (L - 1))) ** (L - 1 - l)``
+  (early layers rotate slower), ``alpha <= 0`` gives
+  ``m_l = ((1 + alpha) ** (5 / (L - 1))) ** l`` (late layers slower);
+  ``alpha = 0`` is uniform. Each slice of a stacked leaf counts as a layer.
+
+  Args:
+    params: the parameter pytree.
+    alpha: in ``[-1, 1]``.
+    order: layer paths in forward order; ``None`` for a natural sort of paths.
+    mask: which leaves are layers (see :func:`layca_jax.layer_specs`).
+    per_neuron: per-neuron units (all neurons of a layer share its rate).
+    stack_axes: leading axes that index independent layers.
+
+  Returns:
+    A pytree like ``params``: a float32 array of the layer's stack shape
+    (a scalar for an ordinary layer) at layer leaves, ``None`` elsewhere.
+    Pass it as ``multipliers=`` to any Layca transform.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import layca_jax as lx
+    >>> params = {f'Dense_{i}': {'kernel': jnp.ones((4, 4))} for i in range(3)}
+    >>> m = lx.alpha_multipliers(params, 0.5)
+    >>> [round(float(m[f'Dense_{i}']['kernel']), 4) for i in range(3)]
+    [0.0312, 0.1768, 1.0]
+  """
+  specs = layer_specs(params, mask, per_neuron, stack_axes)
+  leaf_order = layer_order(specs, order)
+  sizes = [math.prod(specs[i].stack_shape) for i in leaf_order]
+  rates = alpha_rates(sum(sizes), alpha)
+  by_leaf = {}
+  start = 0
+  for i, n in zip(leaf_order, sizes):
+    by_leaf[i] = jnp.asarray(
+        rates[start:start + n].reshape(specs[i].stack_shape), jnp.float32)
+    start += n
+  leaves, treedef = jax.tree.flatten(params)
+  return treedef.unflatten([by_leaf.get(i) for i in range(len(leaves))])
+
+
+def _is_axis_name(x: Any) -> bool:
+  return x is None or isinstance(x, str) or (
+      isinstance(x, tuple) and all(isinstance(a, str) for a in x))
+
+
+class UnitOptions(NamedTuple):
+  """The options every layer-aware function shares, resolved in one place.
+
+  Attributes:
+    mask: which leaves are layers (``None``: floating leaves with
+      ``ndim - stack_axes >= 2``), a bool pytree or a callable of params.
+    per_neuron: one unit per output channel (last axis) instead of per layer.
+    stack_axes: leading axes that index independent layers.
+    axis_name: mesh axis over which a layer leaf is split inside
+      ``shard_map``/``pmap`` (its per-unit sums are ``psum``-ed over it);
+      one name for all layer leaves, or a pytree/callable giving it per leaf,
+      ``None`` for replicated leaves.
+  """
+
+  mask: PerLeaf = None
+  per_neuron: PerLeaf = False
+  stack_axes: PerLeaf = 0
+  axis_name: PerLeaf = None
+
+  def specs(self, params: PyTree) -> list[LayerSpec | None]:
+    return layer_specs(params, self.mask, self.per_neuron, self.stack_axes)
+
+  def axis_names(self, params: PyTree) -> list[Any]:
+    return broadcast_option(self.axis_name, params, 'axis_name', _is_axis_name)

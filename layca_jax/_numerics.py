@@ -1,0 +1,112 @@
+"""Per-unit reductions that accumulate in float32 and never overflow.
+
+Every norm and dot product in layca-jax goes through this module. Values are
+first scaled, per unit, by a power of two that brings their largest magnitude
+into ``[0.5, 1)``: the scaling is exact, and no finite input can then overflow
+or underflow a sum of squares. Sums accumulate in ``float32`` (or wider when
+the input is wider), whatever the dtype of the params, and are ``psum``-ed
+over ``axis_name`` when a layer is split across devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from layca_jax._layers import LayerSpec
+
+AxisName = Any  # str, a tuple of str, or None.
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+  """float32, or the input dtype where it is wider."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def upcast(x: jax.Array) -> jax.Array:
+  return x.astype(accumulation_dtype(x.dtype))
+
+
+def unit_sum(x: jax.Array, spec: LayerSpec, axis_name: AxisName) -> jax.Array:
+  """Per-unit sum, shaped ``spec.keepdims_shape``, global over ``axis_name``."""
+  s = jnp.sum(x, axis=spec.reduce_axes, keepdims=True)
+  return jax.lax.psum(s, axis_name) if axis_name is not None else s
+
+
+def unit_max_abs(x: jax.Array, spec: LayerSpec,
+                 axis_name: AxisName) -> jax.Array:
+  """Per-unit largest magnitude; NaN where the unit holds a NaN."""
+  m = jnp.max(jnp.abs(x), axis=spec.reduce_axes, keepdims=True)
+  return jax.lax.pmax(m, axis_name) if axis_name is not None else m
+
+
+def normalize_pow2(x: jax.Array, spec: LayerSpec,
+                   axis_name: AxisName) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Scales each unit of ``x`` (already upcast) by an exact power of two.
+
+  Returns:
+    ``(x_hat, scale, finite)``: ``x == x_hat * scale`` with ``max|x_hat|`` in
+    ``[0.5, 1)`` (zero units stay zero with scale 1), and per-unit flags that
+    are False where the unit holds a NaN or Inf (``x_hat`` is zero there).
+  """
+  peak = unit_max_abs(x, spec, axis_name)
+  finite = jnp.isfinite(peak)
+  usable = finite & (peak > 0)
+  _, exponent = jnp.frexp(jnp.where(usable, peak, 1.0))
+  # ldexp is exact; two halves keep 2**exponent representable when the
+  # exponent is near the range limits (subnormal peaks).
+  half = exponent // 2
+  x_hat = jnp.ldexp(jnp.ldexp(jnp.where(finite, x, 0.0), -half),
+                    -(exponent - half))
+  scale = jnp.ldexp(jnp.ones_like(peak), exponent)
+  return x_hat, scale, finite
+
+
+def unit_norm(x: jax.Array, spec: LayerSpec, axis_name: AxisName) -> jax.Array:
+  """Per-unit L2 norm in the accumulation dtype, shaped ``spec.unit_shape``.
+
+  NaN where the unit is not finite.
+  """
+  x_hat, scale, finite = normalize_pow2(upcast(x), spec, axis_name)
+  norm = jnp.sqrt(unit_sum(x_hat * x_hat, spec, axis_name)) * scale
+  return to_units(jnp.where(finite, norm, jnp.nan), spec)
+
+
+def to_units(x: jax.Array, spec: LayerSpec) -> jax.Array:
+  """Drops the kept reduced axes: ``keepdims_shape -> unit_shape``."""
+  return x.reshape(spec.unit_shape)
+
+
+def from_units(x: Any, spec: LayerSpec) -> jax.Array:
+  """Broadcastable per-unit value -> ``keepdims_shape``.
+
+  Accepts a scalar, an array of the stack shape (one value per layer) or of
+  the unit shape; leading axes align with the leaf's leading axes.
+  """
+  x = jnp.asarray(x)
+  unit_shape = spec.unit_shape
+  if x.shape != unit_shape[: x.ndim]:
+    raise ValueError(
+        f'Per-unit value for {spec.path!r} has shape {x.shape}; expected a '
+        f'scalar, the stack shape {spec.stack_shape} or the unit shape '
+        f'{unit_shape}.')
+  x = x.reshape(x.shape + (1,) * (len(unit_shape) - x.ndim))
+  x = jnp.broadcast_to(x, unit_shape)
+  return x.reshape(spec.keepdims_shape)
+
+
+def concrete_or_none(x: Any) -> np.ndarray | None:
+  """``x`` as a NumPy array when its value is known here, else None.
+
+  None for tracers and for arrays spread over processes.
+  """
+  if isinstance(x, jax.Array) and not getattr(x, 'is_fully_addressable', True):
+    return None
+  try:
+    return np.asarray(x)
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    return None

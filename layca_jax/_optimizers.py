@@ -1,0 +1,272 @@
+"""The paper's Layca optimizers: a base direction, then Layca at rate ``rho``.
+
+Each is the chain ``base, layca(), scale_by_learning_rate(rho), keep_norm()``
+on layer leaves. Non-layer leaves (biases, normalisation parameters) are
+frozen, as in the paper, unless ``non_layer_learning_rate`` is given: they
+then follow the base direction at that rate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from layca_jax import _layca
+from layca_jax._layers import PerLeaf, UnitOptions
+
+Rate = float | optax.Schedule
+
+
+def check_rate(rate: Any, name: str) -> None:
+  """ValueError for a negative or NaN float rate (schedules pass)."""
+  if callable(rate) or rate is None:
+    return
+  try:
+    value = float(rate)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return  # A traced rate: its value is not known here.
+  if math.isnan(value) or value < 0:
+    raise ValueError(f'{name} must be a non-negative number, got {rate!r}.')
+
+
+class ScaleByRatesState(NamedTuple):
+  """Step count for the rate schedules."""
+
+  count: jax.Array
+
+
+def _scale_by_rates(layer_rate: Rate, non_layer_rate: Rate | None,
+                    options: UnitOptions) -> optax.GradientTransformation:
+  """``-rate * update``: ``layer_rate`` on layers, ``non_layer_rate`` (or 0)
+  elsewhere."""
+
+  def value(rate, count):
+    return rate(count) if callable(rate) else rate
+
+  def init_fn(params):
+    del params
+    return ScaleByRatesState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    _layca._require_params(params, 'layca optimizer')
+    specs = options.specs(params)
+    treedef = jax.tree.structure(params)
+    rates = (value(layer_rate, state.count),
+             0.0 if non_layer_rate is None else value(non_layer_rate, state.count))
+    scaled = [
+        jnp.zeros_like(u) if spec is None and non_layer_rate is None
+        else (-jnp.asarray(rates[spec is None], jnp.float32) * u).astype(u.dtype)
+        for spec, u in zip(specs, treedef.flatten_up_to(updates))]
+    return treedef.unflatten(scaled), ScaleByRatesState(
+        optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _layca_optimizer(base: optax.GradientTransformation, learning_rate: Rate,
+                     non_layer_learning_rate: Rate | None, mask, per_neuron,
+                     stack_axes, multipliers, axis_name):
+  check_rate(learning_rate, 'learning_rate')
+  check_rate(non_layer_learning_rate, 'non_layer_learning_rate')
+  options = UnitOptions(mask, per_neuron, stack_axes, axis_name)
+  return optax.chain(
+      base,
+      _layca.layca(**options._asdict(), multipliers=multipliers),
+      _scale_by_rates(learning_rate, non_layer_learning_rate, options),
+      _layca.keep_norm(**options._asdict()),
+  )
+
+
+_OPTIONS_DOC = """
+    non_layer_learning_rate: ``None`` (default) freezes non-layer leaves, as
+      in the paper; a rate (float or schedule) trains them with the base
+      direction instead.
+    mask: which leaves are layers; ``None`` for floating leaves with
+      ``ndim >= 2``. A bool pytree or a callable of params.
+    per_neuron: one rotation unit per output channel (last axis).
+    stack_axes: leading axes indexing independent layers (scanned blocks).
+    multipliers: per-unit rate multipliers (pytree or callable), e.g. from
+      :func:`alpha_multipliers`.
+    axis_name: mesh axis a layer is split over inside ``shard_map``/``pmap``.
+"""
+
+
+def _with_options_doc(fn):
+  fn.__doc__ = fn.__doc__.replace('    {options}\n', _OPTIONS_DOC.lstrip('\n'))
+  return fn
+
+
+@_with_options_doc
+def layca_sgd(
+    learning_rate: Rate,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    *,
+    non_layer_learning_rate: Rate | None = None,
+    mask: PerLeaf = None,
+    per_neuron: PerLeaf = False,
+    stack_axes: PerLeaf = 0,
+    multipliers: PerLeaf = None,
+    axis_name: PerLeaf = None,
+) -> optax.GradientTransformation:
+  """SGD + Layca: each layer turns by ``atan(learning_rate)`` per step.
+
+  ``optax.trace(momentum, nesterov)`` gives the direction (the gradient
+  itself when ``momentum == 0``), then Layca projects it on the tangent
+  space of each layer's sphere, scales it to the layer's norm, steps by
+  ``learning_rate`` and returns to the initial norm. The paper's default
+  rate is ``3 ** -3`` with step decays.
+
+  Args:
+    learning_rate: the rotation rate ``rho`` (float or optax schedule).
+    momentum: momentum of the base direction (0 for plain SGD).
+    nesterov: Nesterov momentum.
+    {options}
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import layca_jax as lx
+    >>> params = {'kernel': jnp.array([[1., 2.], [3., 4.]]), 'bias': jnp.ones(2)}
+    >>> loss = lambda p: jnp.sum(p['kernel'] ** 3) + jnp.sum(p['bias'])
+    >>> tx = lx.layca_sgd(3.0 ** -3, momentum=0.9)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> round(float(lx.step_rotation(params, new)['kernel']), 5)  # atan(1/27)
+    0.03702
+    >>> bool(jnp.all(new['bias'] == params['bias']))  # frozen by default
+    True
+  """
+  base = optax.trace(decay=momentum, nesterov=nesterov) if momentum else (
+      optax.identity())
+  return _layca_optimizer(base, learning_rate, non_layer_learning_rate, mask,
+                          per_neuron, stack_axes, multipliers, axis_name)
+
+
+@_with_options_doc
+def layca_adam(
+    learning_rate: Rate,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    non_layer_learning_rate: Rate | None = None,
+    mask: PerLeaf = None,
+    per_neuron: PerLeaf = False,
+    stack_axes: PerLeaf = 0,
+    multipliers: PerLeaf = None,
+    axis_name: PerLeaf = None,
+) -> optax.GradientTransformation:
+  """Adam + Layca: Adam's direction, each layer turning by ``atan(rho)``.
+
+  ``optax.scale_by_adam`` gives the direction, then Layca as in
+  :func:`layca_sgd`. The paper's default rate is ``3 ** -5``.
+
+  Args:
+    learning_rate: the rotation rate ``rho`` (float or optax schedule).
+    b1, b2, eps, eps_root: as in ``optax.scale_by_adam``.
+    {options}
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import layca_jax as lx
+    >>> params = {'kernel': jnp.array([[1., 2.], [3., 4.]])}
+    >>> tx = lx.layca_adam(3.0 ** -5)
+    >>> state = tx.init(params)
+    >>> grads = {'kernel': jnp.array([[0.1, -2.], [0.3, 1.]])}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> bool(jnp.isclose(jnp.linalg.norm(new['kernel']), jnp.sqrt(30.)))
+    True
+  """
+  return _layca_optimizer(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+      learning_rate, non_layer_learning_rate, mask, per_neuron, stack_axes,
+      multipliers, axis_name)
+
+
+@_with_options_doc
+def layca_rmsprop(
+    learning_rate: Rate,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    *,
+    non_layer_learning_rate: Rate | None = None,
+    mask: PerLeaf = None,
+    per_neuron: PerLeaf = False,
+    stack_axes: PerLeaf = 0,
+    multipliers: PerLeaf = None,
+    axis_name: PerLeaf = None,
+) -> optax.GradientTransformation:
+  """RMSprop + Layca: ``optax.scale_by_rms`` direction, then Layca.
+
+  Args:
+    learning_rate: the rotation rate ``rho`` (float or optax schedule).
+    decay, eps: as in ``optax.scale_by_rms`` (optax's defaults).
+    {options}
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import layca_jax as lx
+    >>> params = {'kernel': jnp.array([[1., 0.], [0., 1.]])}
+    >>> tx = lx.layca_rmsprop(0.1)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'kernel': jnp.ones((2, 2))}, state, params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> round(float(lx.step_rotation(params, new)['kernel']), 5)  # atan(0.1)
+    0.09967
+  """
+  return _layca_optimizer(
+      optax.scale_by_rms(decay=decay, eps=eps), learning_rate,
+      non_layer_learning_rate, mask, per_neuron, stack_axes, multipliers,
+      axis_name)
+
+
+@_with_options_doc
+def layca_adagrad(
+    learning_rate: Rate,
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    *,
+    non_layer_learning_rate: Rate | None = None,
+    mask: PerLeaf = None,
+    per_neuron: PerLeaf = False,
+    stack_axes: PerLeaf = 0,
+    multipliers: PerLeaf = None,
+    axis_name: PerLeaf = None,
+) -> optax.GradientTransformation:
+  """Adagrad + Layca: ``optax.scale_by_rss`` direction, then Layca.
+
+  Args:
+    learning_rate: the rotation rate ``rho`` (float or optax schedule).
+    initial_accumulator_value, eps: as in ``optax.scale_by_rss``.
+    {options}
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import layca_jax as lx
+    >>> params = {'kernel': jnp.array([[1., 0.], [0., 1.]])}
+    >>> tx = lx.layca_adagrad(0.1)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'kernel': jnp.ones((2, 2))}, state, params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> round(float(lx.step_rotation(params, new)['kernel']), 5)
+    0.09967
+  """
+  return _layca_optimizer(
+      optax.scale_by_rss(initial_accumulator_value=initial_accumulator_value,
+                         eps=eps), learning_rate, non_layer_learning_rate,
+      mask, per_neuron, stack_axes, multipliers, axis_name)
