@@ -8,9 +8,13 @@ Layout: :mod:`layca_jax._layers` (which leaves are layers, their units and
 order), :mod:`layca_jax._numerics` (safe float32 reductions),
 :mod:`layca_jax._layca` (the ``layca`` and ``keep_norm`` links),
 :mod:`layca_jax._optimizers` (the paper's optimizers),
-:mod:`layca_jax._rotation` (measurement).
+:mod:`layca_jax._rotation` (measurement), :mod:`layca_jax._tracking`
+(in-graph tracking and readers), :mod:`layca_jax._order` (forward order,
+flat metrics), :mod:`layca_jax._history` (host recorder),
+:mod:`layca_jax._plot` (curves and table).
 """
 
+from layca_jax._history import RotationHistory
 from layca_jax._layca import KeepNormState
 from layca_jax._layca import keep_norm
 from layca_jax._layca import layca
@@ -24,16 +28,28 @@ from layca_jax._optimizers import layca_adagrad
 from layca_jax._optimizers import layca_adam
 from layca_jax._optimizers import layca_rmsprop
 from layca_jax._optimizers import layca_sgd
+from layca_jax._order import flatten_rotations
+from layca_jax._order import forward_order
+from layca_jax._plot import plot_layer_rotation_curves
+from layca_jax._plot import rotation_table
 from layca_jax._rotation import layer_rotation
 from layca_jax._rotation import step_rotation
+from layca_jax._tracking import rotation_history
+from layca_jax._tracking import track_rotation
+from layca_jax._tracking import tracked_rotation
+from layca_jax._tracking import TrackRotationState
 
 __version__ = '0.1.0'
 
 __all__ = (
     'KeepNormState',
-    'LayerSpec',
     'LaycaState',
+    'LayerSpec',
+    'RotationHistory',
+    'TrackRotationState',
     'alpha_multipliers',
+    'flatten_rotations',
+    'forward_order',
     'keep_norm',
     'layca',
     'layca_adagrad',
@@ -43,6 +59,11 @@ __all__ = (
     'layer_rotation',
     'layer_specs',
     'norm_drift',
+    'plot_layer_rotation_curves',
+    'rotation_history',
+    'rotation_table',
     'skipped_steps',
     'step_rotation',
+    'track_rotation',
+    'tracked_rotation',
 )
