@@ -30,18 +30,47 @@ def _unit_norms(params: PyTree, specs, axis_names) -> list[jax.Array | None]:
 
 
 def _check_nonzero_norms(norms: list[jax.Array | None], specs) -> None:
-  """ValueError naming the layer if a concrete norm is zero."""
+  """ValueError naming the layer if a concrete norm is zero or not finite."""
   for spec, norm in zip(specs, norms):
     if spec is None:
       continue
     value = nx.concrete_or_none(norm)
-    if value is not None and np.any(value == 0):
-      where = '' if value.ndim == 0 else (
-          f' at unit indices {np.argwhere(value == 0)[:5].tolist()}')
+    if value is None:
+      continue
+    for bad, problem in ((value == 0, 'has zero norm'),
+                         (~np.isfinite(value), 'holds NaN or Inf values')):
+      if np.any(bad):
+        where = '' if value.ndim == 0 else (
+            f' at unit indices {np.argwhere(bad)[:5].tolist()}')
+        raise ValueError(
+            f'Layer {spec.path!r} {problem}{where}: such a layer cannot '
+            f'rotate. Initialise it with finite, non-zero values or exclude '
+            f'it with `mask`.')
+
+
+def check_state_fits(params: PyTree, specs, initial_norm: PyTree,
+                     name: str) -> None:
+  """ValueError naming the leaf where params no longer fit a per-unit state.
+
+  ``initial_norm`` (``None`` at non-layer leaves) was made by ``init`` from
+  the params: the same leaves must still be layers, with the same units.
+  """
+  _layers.check_same_structure(params, initial_norm,
+                               f'The state made by {name}.init',
+                               none_is_leaf=True)
+  norms = jax.tree.structure(params).flatten_up_to(initial_norm)
+  for spec, norm, path in zip(specs, norms, _layers.leaf_paths(params)):
+    if (spec is None) != (norm is None):
+      now, then = (('a layer', 'were not') if norm is None
+                   else ('not a layer', 'were'))
       raise ValueError(
-          f'Layer {spec.path!r} has zero norm{where}: a zero weight tensor '
-          f'cannot rotate. Initialise it with non-zero values or exclude it '
-          f'with `mask`.')
+          f'Params at {path!r} are {now} now but {then} at {name}.init: the '
+          f'params changed dtype, shape or mask since init.')
+    if spec is not None and tuple(np.shape(norm)) != spec.unit_shape:
+      raise ValueError(
+          f'Params at {path!r} have {spec.unit_shape} rotation units (shape '
+          f'{spec.shape}), but {name}.init saw {np.shape(norm)}: the params '
+          f'changed shape or unit options since init.')
 
 
 def _require_params(params: PyTree | None, name: str) -> None:
@@ -50,6 +79,32 @@ def _require_params(params: PyTree | None, name: str) -> None:
         f'{name}.update needs the current params: call '
         f'`tx.update(updates, state, params)` (as `nnx.Optimizer` and '
         f'`optax.apply_updates` loops do).')
+
+
+def check_update_inputs(name: str, updates: PyTree, params: PyTree | None,
+                        specs_of, initial_norm: PyTree) -> list[Any]:
+  """Every check an ``update`` of a Layca transform makes on its inputs.
+
+  Params must be given; updates must fit them (see
+  :func:`layca_jax._layers.check_updates`); params must still fit the
+  per-unit state made at ``init``. Only shapes and dtypes are read, so the
+  checks cost nothing inside ``jit`` after tracing.
+
+  Args:
+    name: the transform's name, for messages.
+    updates: the incoming updates.
+    params: the params passed to ``update``.
+    specs_of: ``UnitOptions.specs`` (a callable of params).
+    initial_norm: the state's per-unit initial norms.
+
+  Returns:
+    The layer specs of ``params``.
+  """
+  _require_params(params, name)
+  _layers.check_updates(params, updates)
+  specs = specs_of(params)
+  check_state_fits(params, specs, initial_norm, name)
+  return specs
 
 
 def multiplier_values(multipliers: PerLeaf, params: PyTree,
@@ -71,7 +126,8 @@ def multiplier_values(multipliers: PerLeaf, params: PyTree,
       out.append(None)
       continue
     concrete = nx.concrete_or_none(m)
-    if concrete is not None and not np.all(concrete >= 0):
+    if concrete is not None and not np.all(np.isfinite(concrete)
+                                           & (concrete >= 0)):
       raise ValueError(
           f'Multiplier for {spec.path!r} must be finite and >= 0, got '
           f'{concrete}.')
@@ -110,8 +166,13 @@ def _tangent_step(spec: LayerSpec, step: jax.Array, param: jax.Array,
   # Measured on the projected step itself, not as <s,s> - <s,w>^2/<w,w>,
   # which cancels when the step is nearly parallel to the weights.
   tt = nx.unit_sum(tangent * tangent, spec, axis_name)
+  # A step parallel to the weights to within rounding has no tangent part:
+  # what is left is noise, which step 2 would blow up to a full step.
+  ss = nx.unit_sum(s_hat * s_hat, spec, axis_name)
+  noise = (8 * jnp.finfo(ss.dtype).eps) ** 2 * ss
+  turns = tt > noise
   w_norm = jnp.sqrt(ww)
-  factor = jnp.where(tt > 0, w_norm / jnp.sqrt(jnp.where(tt > 0, tt, 1.0)), 0.0)
+  factor = jnp.where(turns, w_norm / jnp.sqrt(jnp.where(turns, tt, 1.0)), 0.0)
   if multiplier is not None:
     factor = factor * multiplier
   new_step = (tangent * factor) * w_scale
@@ -139,9 +200,17 @@ def layca(
   Alone this link does not hold the norm (each step grows it by
   ``sqrt(1 + rho^2)``): end the chain with :func:`keep_norm`.
 
+  Inputs are checked, with errors naming the leaf path: ``update`` needs
+  ``params``; updates must match them in structure and shape and be floating
+  where they are (float32 updates for bfloat16 params are fine); params must
+  still have the layers seen at ``init``, where a layer of zero norm or with
+  NaN/Inf values, a negative, NaN or Inf multiplier and a unit option that
+  does not fit its leaf are errors. An empty pytree is a no-op.
+
   Args:
     mask: which leaves are layers; ``None`` for floating leaves with
       ``ndim >= 2`` (per slice). A bool pytree or a callable of params.
+      Integer and boolean leaves are never layers, whatever the mask.
     per_neuron: one rotation unit per output channel (last axis).
     stack_axes: leading axes indexing independent layers (scanned blocks).
     multipliers: per-unit rate multipliers (a pytree matching params, values
@@ -176,14 +245,16 @@ def layca(
     norms = _unit_norms(params, specs, options.axis_names(params))
     _check_nonzero_norms(norms, specs)
     treedef = jax.tree.structure(params)
-    skipped = [n if n is None else jnp.zeros(n.shape, jnp.int32) for n in norms]
+    # zeros_like keeps the norms' shard_map varying-ness, which update's
+    # counts have: a lax.scan carrying the state needs both to match.
+    skipped = [n if n is None else jnp.zeros_like(n, jnp.int32) for n in norms]
     return LaycaState(initial_norm=treedef.unflatten(norms),
                       norm=treedef.unflatten(norms),
                       skipped=treedef.unflatten(skipped))
 
   def update_fn(updates, state, params=None):
-    _require_params(params, 'layca')
-    specs = options.specs(params)
+    specs = check_update_inputs('layca', updates, params, options.specs,
+                                state.initial_norm)
     leaves, treedef = jax.tree.flatten(params)
     steps = treedef.flatten_up_to(updates)
     results = [
@@ -220,10 +291,13 @@ def _back_on_sphere(spec: LayerSpec, update: jax.Array, param: jax.Array,
   t_hat, _, finite = nx.normalize_pow2(target, spec, axis_name)
   tt = nx.unit_sum(t_hat * t_hat, spec, axis_name)
   n0 = nx.from_units(initial_norm, spec)
-  usable = finite & (tt > 0) & (n0 > 0)
+  # A unit with a zero update (e.g. a skipped step) keeps its weights bit for
+  # bit instead of being rescaled by a factor that rounds to nearly 1.
+  moves = nx.unit_max_abs(update, spec, axis_name) > 0
+  usable = finite & moves & (tt > 0) & (n0 > 0)
   factor = n0 / jnp.sqrt(jnp.where(usable, tt, 1.0))
   new = jnp.where(usable, t_hat * factor, w)
-  return (new - w).astype(update.dtype)
+  return jnp.where(usable, new - w, 0.0).astype(update.dtype)
 
 
 def keep_norm(
@@ -238,7 +312,8 @@ def keep_norm(
   The last link of a chain: ``init`` stores each unit's norm; ``update``
   returns the update that moves ``params + updates`` radially back to that
   norm, whatever came before. A unit whose ``params + updates`` is not
-  finite (or zero) keeps its weights. Non-layer leaves pass through.
+  finite (or zero), or whose update is zero, keeps its weights exactly.
+  Non-layer leaves pass through.
   ``optax.chain(optax.adam(lr), lx.keep_norm())`` is Adam on each layer's
   sphere.
 
@@ -272,8 +347,8 @@ def keep_norm(
     return KeepNormState(jax.tree.structure(params).unflatten(norms))
 
   def update_fn(updates, state, params=None):
-    _require_params(params, 'keep_norm')
-    specs = options.specs(params)
+    specs = check_update_inputs('keep_norm', updates, params, options.specs,
+                                state.initial_norm)
     leaves, treedef = jax.tree.flatten(params)
     return _layers.map_layers(
         lambda spec, u, w, n0, axis: _back_on_sphere(spec, u, w, n0, axis),

@@ -192,6 +192,11 @@ def layer_specs(
     neuron = bool(neuron)
     if stack < 0:
       raise ValueError(f'stack_axes at {name!r} must be >= 0, got {stack}.')
+    if stack > len(shape) and is_floating(leaf) and (m is None or bool(m)):
+      raise ValueError(
+          f'stack_axes={stack} at {name!r} is out of range for its shape '
+          f'{shape}: at most {len(shape)} leading axes can index layers. Give '
+          f'stack_axes per leaf (a pytree or a prefix of the params).')
     if m is None:
       is_layer = is_floating(leaf) and len(shape) - stack >= 2
     else:
@@ -224,11 +229,26 @@ def map_layers(fn: Callable[..., Any], specs: Sequence[LayerSpec | None],
   return treedef.unflatten(out)
 
 
-def check_same_structure(params: PyTree, other: PyTree, what: str) -> None:
-  """Raises a ValueError naming the first path where ``other`` differs."""
+def check_same_structure(params: PyTree, other: PyTree, what: str,
+                         none_is_leaf: bool = False) -> None:
+  """Raises a ValueError naming the first path where ``other`` differs.
+
+  Structure and shapes are compared leaf by leaf. With ``none_is_leaf``,
+  ``other`` is a per-leaf state (``None`` entries stand for whole leaves, and
+  other entries need not have the leaf's shape): only structure is compared.
+  """
+  is_leaf = (lambda x: x is None) if none_is_leaf else None
   p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
-  o_flat, o_def = jax.tree_util.tree_flatten_with_path(other)
-  if p_def != o_def:
+  o_flat, o_def = jax.tree_util.tree_flatten_with_path(other, is_leaf=is_leaf)
+  if none_is_leaf:
+    try:
+      p_def.flatten_up_to(other)
+      same = len(o_flat) == len(p_flat)
+    except (ValueError, TypeError):
+      same = False
+  else:
+    same = p_def == o_def
+  if not same:
     p_paths = {path_name(p) for p, _ in p_flat}
     o_paths = {path_name(p) for p, _ in o_flat}
     missing = sorted(p_paths - o_paths, key=natural_key)
@@ -237,11 +257,41 @@ def check_same_structure(params: PyTree, other: PyTree, what: str) -> None:
         f'{what} must have the structure of params. Missing paths: '
         f'{missing or "none"}; unexpected paths: {extra or "none"}.'
         + ('' if missing or extra else f' Tree definitions: {p_def} vs {o_def}.'))
+  if none_is_leaf:
+    return
   for (path, p), (_, o) in zip(p_flat, o_flat):
     if np.shape(p) != np.shape(o):
       raise ValueError(
           f'{what} at {path_name(path)!r} has shape {np.shape(o)}, expected '
           f'{np.shape(p)} (the shape of params).')
+
+
+def check_updates(params: PyTree, updates: PyTree, what: str = 'updates') -> None:
+  """Checks that ``updates`` can update ``params``, naming the leaf if not.
+
+  Structure and shapes must match exactly (no broadcasting). Where a param is
+  floating, its update must be floating too, of any width: float32 gradients
+  for bfloat16 params are fine, an integer or boolean update is a TypeError.
+  Non-floating params (never layers) accept any update.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from layca_jax._layers import check_updates
+    >>> params = {'dense': {'kernel': jnp.ones((3, 4), jnp.bfloat16)}}
+    >>> check_updates(params, {'dense': {'kernel': jnp.ones((3, 4))}})
+    >>> check_updates(params, {'dense': {'kernel': jnp.ones((4, 3))}})
+    Traceback (most recent call last):
+    ...
+    ValueError: updates at 'dense/kernel' has shape (4, 3), expected (3, 4) (the shape of params).
+  """
+  check_same_structure(params, updates, what)
+  p_flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, p), u in zip(p_flat, jax.tree.leaves(updates)):
+    if is_floating(p) and not is_floating(u):
+      raise TypeError(
+          f'{what} at {path_name(path)!r} has dtype '
+          f'{getattr(u, "dtype", type(u).__name__)}, expected a floating dtype '
+          f'for params of dtype {p.dtype}.')
 
 
 # ---------------------------------------------------------------------------

@@ -103,7 +103,9 @@ def concrete_or_none(x: Any) -> np.ndarray | None:
 
   None for tracers and for arrays spread over processes.
   """
-  if isinstance(x, jax.Array) and not getattr(x, 'is_fully_addressable', True):
+  if isinstance(x, jax.core.Tracer):
+    return None  # Under jit/eval_shape even `is_fully_addressable` raises.
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return None
   try:
     return np.asarray(x)
