@@ -1,7 +1,9 @@
 """The paper's Layca optimizers: a base direction, then Layca at rate ``rho``.
 
-Each is the chain ``base, layca(), scale_by_learning_rate(rho), keep_norm()``
-on layer leaves. Non-layer leaves (biases, normalisation parameters) are
+Each equals the chain ``base, layca(), scale_by_learning_rate(rho),
+keep_norm()`` on layer leaves, computed as one fused transformation
+(:mod:`layca_jax._fused`: closed form per unit, one reduction pass and one
+elementwise pass). Non-layer leaves (biases, normalisation parameters) are
 frozen, as in the paper, unless ``non_layer_learning_rate`` is given: they
 then follow the base direction at that rate.
 """
@@ -9,13 +11,12 @@ then follow the base direction at that rate.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from layca_jax import _layca
+from layca_jax import _fused
 from layca_jax._layers import PerLeaf, UnitOptions
 
 Rate = float | optax.Schedule
@@ -33,52 +34,15 @@ def check_rate(rate: Any, name: str) -> None:
     raise ValueError(f'{name} must be a non-negative number, got {rate!r}.')
 
 
-class ScaleByRatesState(NamedTuple):
-  """Step count for the rate schedules."""
-
-  count: jax.Array
-
-
-def _scale_by_rates(layer_rate: Rate, non_layer_rate: Rate | None,
-                    options: UnitOptions) -> optax.GradientTransformation:
-  """``-rate * update``: ``layer_rate`` on layers, ``non_layer_rate`` (or 0)
-  elsewhere."""
-
-  def value(rate, count):
-    return rate(count) if callable(rate) else rate
-
-  def init_fn(params):
-    del params
-    return ScaleByRatesState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None):
-    _layca._require_params(params, 'layca optimizer')
-    specs = options.specs(params)
-    treedef = jax.tree.structure(params)
-    rates = (value(layer_rate, state.count),
-             0.0 if non_layer_rate is None else value(non_layer_rate, state.count))
-    scaled = [
-        jnp.zeros_like(u) if spec is None and non_layer_rate is None
-        else (-jnp.asarray(rates[spec is None], jnp.float32) * u).astype(u.dtype)
-        for spec, u in zip(specs, treedef.flatten_up_to(updates))]
-    return treedef.unflatten(scaled), ScaleByRatesState(
-        optax.safe_increment(state.count))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
 def _layca_optimizer(base: optax.GradientTransformation, learning_rate: Rate,
                      non_layer_learning_rate: Rate | None, mask, per_neuron,
-                     stack_axes, multipliers, axis_name):
+                     stack_axes, multipliers, axis_name, *,
+                     base_has_state: bool = True):
   check_rate(learning_rate, 'learning_rate')
   check_rate(non_layer_learning_rate, 'non_layer_learning_rate')
   options = UnitOptions(mask, per_neuron, stack_axes, axis_name)
-  return optax.chain(
-      base,
-      _layca.layca(**options._asdict(), multipliers=multipliers),
-      _scale_by_rates(learning_rate, non_layer_learning_rate, options),
-      _layca.keep_norm(**options._asdict()),
-  )
+  return _fused.fused_layca(base, learning_rate, non_layer_learning_rate,
+                            options, multipliers, base_has_state=base_has_state)
 
 
 _OPTIONS_DOC = """
@@ -146,7 +110,8 @@ def layca_sgd(
   base = optax.trace(decay=momentum, nesterov=nesterov) if momentum else (
       optax.identity())
   return _layca_optimizer(base, learning_rate, non_layer_learning_rate, mask,
-                          per_neuron, stack_axes, multipliers, axis_name)
+                          per_neuron, stack_axes, multipliers, axis_name,
+                          base_has_state=bool(momentum))
 
 
 @_with_options_doc

@@ -1,0 +1,239 @@
+"""What the benchmark scripts share: parameter shapes, device-side timing, tables, JSON.
+
+Times are device-side: ``steps`` iterations run inside one ``jit`` (a
+``lax.fori_loop``), after a warm-up call that compiles and runs once, and the
+clock stops at ``block_until_ready``. Each measurement is repeated and the
+median per-step time is reported (the minimum is kept in the JSON too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / 'results'
+
+# ---------------------------------------------------------------------------
+# Parameter shapes (flax layouts: conv kernels HWIO, dense kernels (in, out)).
+
+
+def resnet50_shapes(width_divisor: int = 1) -> dict[str, tuple[int, ...]]:
+  """ResNet-50's 161 parameter tensors (25.6M at full width, 1000 classes).
+
+  Conv and dense kernels, BatchNorm scales and biases, the classifier bias.
+  ``width_divisor`` divides every channel count (and the class count).
+  """
+  c = lambda n: max(1, n // width_divisor)
+  shapes = {'conv_init/kernel': (7, 7, 3, c(64)),
+            'bn_init/scale': (c(64),), 'bn_init/bias': (c(64),)}
+  cin = c(64)
+  for stage, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
+    for b in range(blocks):
+      name = f'stage{stage + 1}_block{b}'
+      mid, out = c(width), c(4 * width)
+      for i, (k, ci, co) in enumerate(((1, cin, mid), (3, mid, mid), (1, mid, out))):
+        shapes[f'{name}/conv_{i}/kernel'] = (k, k, ci, co)
+        shapes[f'{name}/bn_{i}/scale'] = (co,)
+        shapes[f'{name}/bn_{i}/bias'] = (co,)
+      if b == 0:
+        shapes[f'{name}/proj/kernel'] = (1, 1, cin, out)
+        shapes[f'{name}/proj_bn/scale'] = (out,)
+        shapes[f'{name}/proj_bn/bias'] = (out,)
+      cin = out
+  shapes['head/kernel'] = (cin, c(1000))
+  shapes['head/bias'] = (c(1000),)
+  return shapes
+
+
+def gpt2_small_shapes(width_divisor: int = 1) -> dict[str, tuple[int, ...]]:
+  """GPT-2-small's 148 parameter tensors (124M at full width).
+
+  ``width_divisor`` divides the model width, the vocabulary and the context.
+  """
+  d = 768 // width_divisor
+  vocab, ctx = 50257 // width_divisor, 1024 // width_divisor
+  shapes = {'wte/embedding': (vocab, d), 'wpe/embedding': (ctx, d)}
+  for i in range(12):
+    h = f'h_{i}'
+    shapes.update({
+        f'{h}/ln_1/scale': (d,), f'{h}/ln_1/bias': (d,),
+        f'{h}/attn/c_attn/kernel': (d, 3 * d), f'{h}/attn/c_attn/bias': (3 * d,),
+        f'{h}/attn/c_proj/kernel': (d, d), f'{h}/attn/c_proj/bias': (d,),
+        f'{h}/ln_2/scale': (d,), f'{h}/ln_2/bias': (d,),
+        f'{h}/mlp/c_fc/kernel': (d, 4 * d), f'{h}/mlp/c_fc/bias': (4 * d,),
+        f'{h}/mlp/c_proj/kernel': (4 * d, d), f'{h}/mlp/c_proj/bias': (d,),
+    })
+  shapes['ln_f/scale'] = (d,)
+  shapes['ln_f/bias'] = (d,)
+  return shapes
+
+
+MODELS: dict[str, Callable[[int], dict[str, tuple[int, ...]]]] = {
+    'resnet50': resnet50_shapes,
+    'gpt2_small': gpt2_small_shapes,
+}
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  out: dict[str, Any] = {}
+  for path, value in flat.items():
+    *parents, last = path.split('/')
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = value
+  return out
+
+
+def random_tree(shapes: dict[str, tuple[int, ...]], seed: int,
+                scale: float = 1.0, dtype=jnp.float32) -> dict[str, Any]:
+  """A nested dict of device arrays of the given shapes, N(0, scale^2)."""
+  key = jax.random.PRNGKey(seed)
+  keys = jax.random.split(key, len(shapes))
+  flat = {p: (scale * jax.random.normal(k, s, jnp.float32)).astype(dtype)
+          for k, (p, s) in zip(keys, shapes.items())}
+  return nest(flat)
+
+
+def tree_size(tree: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def tree_bytes(tree: Any) -> int:
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+# ---------------------------------------------------------------------------
+# Timing.
+
+
+def time_call(fn: Callable[[], Any], repeats: int) -> list[float]:
+  """Wall seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]],
+                     repeats: int) -> dict[str, list[float]]:
+  """Wall seconds of each function, timed in ``repeats`` interleaved rounds.
+
+  Each function is warmed up once, then every round calls each one once:
+  on a shared machine, load changes hit all of them alike, so their ratios
+  stay meaningful.
+  """
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def per_step(times: Sequence[float], steps: int) -> dict[str, float]:
+  """Median and minimum per-step milliseconds."""
+  return {'ms': 1e3 * statistics.median(times) / steps,
+          'min_ms': 1e3 * min(times) / steps}
+
+
+def copy_bandwidth(num_bytes: int, steps: int, repeats: int) -> float:
+  """Measured bytes/s of a read-plus-write pass over ``num_bytes`` of float32.
+
+  ``x <- x * c`` with ``c`` varying per iteration, ``steps`` times in one
+  jit: each iteration reads and writes the buffer once.
+  """
+  n = max(1, num_bytes // 4)
+  x = jnp.ones((n,), jnp.float32)
+
+  @jax.jit
+  def run(x):
+    return jax.lax.fori_loop(
+        0, steps, lambda i, x: x * (1.0 + 1e-7 * i.astype(jnp.float32)), x)
+
+  times = time_call(lambda: run(x), repeats)
+  return 2 * n * 4 * steps / statistics.median(times)
+
+
+# ---------------------------------------------------------------------------
+# Reporting.
+
+
+def device_info() -> dict[str, Any]:
+  dev = jax.devices()[0]
+  return {
+      'platform': dev.platform,
+      'device': getattr(dev, 'device_kind', str(dev)),
+      'device_count': jax.device_count(),
+      'cpu_count': os.cpu_count(),
+      'jax': jax.__version__,
+      'python': sys.version.split()[0],
+      'machine': platform.machine(),
+      'time': time.strftime('%Y-%m-%d %H:%M:%S'),
+  }
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str],
+                title: str = '') -> None:
+  """Prints ``rows`` as a markdown table of ``columns``."""
+  def fmt(v):
+    if isinstance(v, float):
+      return f'{v:.4g}' if abs(v) < 1e4 else f'{v:.3e}'
+    return '' if v is None else str(v)
+
+  if title:
+    print(f'\n### {title}\n')
+  print('| ' + ' | '.join(columns) + ' |')
+  print('| ' + ' | '.join('---' for _ in columns) + ' |')
+  for row in rows:
+    print('| ' + ' | '.join(fmt(row.get(c)) for c in columns) + ' |')
+  sys.stdout.flush()
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(payload, indent=2, default=float))
+  print(f'\nwrote {path}')
+  return path
+
+
+def default_json_path(name: str) -> Path:
+  return RESULTS_DIR / f'{name}_{jax.devices()[0].platform}.json'
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument('--full', action='store_true',
+                      help='full-size shapes (default: scaled down on CPU)')
+  parser.add_argument('--steps', type=int, default=None,
+                      help='steps inside one jit per timed call')
+  parser.add_argument('--repeats', type=int, default=None,
+                      help='timed calls per row (median reported)')
+  parser.add_argument('--json', default=None,
+                      help='where to write the JSON (default: benchmarks/results/)')
+  return parser
+
+
+def on_cpu() -> bool:
+  return jax.devices()[0].platform == 'cpu'

@@ -1,0 +1,102 @@
+"""Device-side time of measuring layer rotation, against reading params and init once.
+
+``lx.layer_rotation(params, init_params)`` (and ``lx.track_rotation``'s update
+when the package has it) run ``--steps`` times inside one ``jit``, against a
+baseline that reads both trees once (a jitted sum of every leaf of both).
+The trees are carried through the loop behind ``lax.optimization_barrier`` so
+that nothing is hoisted out of it.
+
+    python benchmarks/bench_rotation.py            # scaled-down shapes on CPU
+    python benchmarks/bench_rotation.py --full
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+import _common as common
+import layca_jax as lx
+
+
+def loop(measure: Callable, steps: int):
+  """Runs ``measure(params, init)`` ``steps`` times; sums its results."""
+
+  @jax.jit
+  def run(params, init):
+    def body(_, carry):
+      p, p0, acc = carry
+      p, p0 = jax.lax.optimization_barrier((p, p0))
+      values = [jnp.sum(v) for v in jax.tree.leaves(measure(p, p0))]
+      return p, p0, acc + sum(values)
+    return jax.lax.fori_loop(0, steps, body,
+                             (params, init, jnp.zeros([], jnp.float32)))[2]
+
+  return run
+
+
+def read_once(params, init):
+  return [jnp.sum(x) + jnp.sum(y)
+          for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(init))]
+
+
+def track_rotation_measure():
+  """``track_rotation``'s update as a measure (None if the package lacks it)."""
+  if not hasattr(lx, 'track_rotation'):
+    return None
+  tx = lx.track_rotation()
+
+  def measure(params, init):
+    state = tx.init(init)
+    _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    return lx.tracked_rotation(state)
+
+  return measure
+
+
+def main() -> None:
+  parser = common.base_parser(__doc__.splitlines()[0])
+  parser.add_argument('--models', nargs='+', default=list(common.MODELS))
+  parser.add_argument('--width-divisor', type=int, default=None)
+  args = parser.parse_args()
+  cpu = common.on_cpu()
+  divisor = args.width_divisor or (4 if cpu and not args.full else 1)
+  steps = args.steps or (10 if cpu else 50)
+  repeats = args.repeats or (7 if cpu else 10)
+  info = common.device_info()
+  measures = {'read params + init once': read_once,
+              'lx.layer_rotation': lx.layer_rotation}
+  tracked = track_rotation_measure()
+  if tracked is not None:
+    measures['lx.track_rotation update'] = tracked
+  rows = []
+  for model in args.models:
+    shapes = common.MODELS[model](divisor)
+    init = common.random_tree(shapes, seed=0, scale=0.05)
+    params = common.random_tree(shapes, seed=1, scale=0.05)
+    fns = {}
+    for name, measure in measures.items():
+      run = loop(measure, steps)
+      fns[name] = (lambda run=run: run(params, init))
+    times = common.time_interleaved(fns, repeats)
+    base = common.per_step(times['read params + init once'], steps)
+    for name in measures:
+      row = {'model': model, 'measure': name, **common.per_step(times[name], steps)}
+      row['vs_read_once'] = row['ms'] / base['ms']
+      row['vs_read_once_min'] = row['min_ms'] / base['min_ms']
+      row.update(leaves=len(shapes), params=common.tree_size(params),
+                 width_divisor=divisor)
+      rows.append(row)
+      print(f'  {model:10s} {name:28s} {row["ms"]:.4f} ms', flush=True)
+  common.print_table(rows, ['model', 'measure', 'ms', 'min_ms', 'vs_read_once',
+                            'vs_read_once_min'],
+                     title=f'Layer rotation, device-side ({info["device"]})')
+  common.write_json(args.json or common.default_json_path('bench_rotation'),
+                    {'benchmark': 'bench_rotation', 'info': info,
+                     'steps': steps, 'repeats': repeats, 'rows': rows})
+
+
+if __name__ == '__main__':
+  main()

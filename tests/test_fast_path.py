@@ -1,0 +1,285 @@
+"""The fused Layca optimizers equal the chain of links, and keep its guarantees.
+
+``lx.layca_*`` compute Algorithm 1 in closed form (one reduction pass, one
+elementwise pass) with a careful fallback; these tests state that the result
+is the chain ``base, layca(), scale_by_learning_rate(rate), keep_norm()``.
+"""
+
+import math
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import layca_jax as lx
+from layca_jax import _fused
+from layca_jax import _numerics as nx
+from layca_jax._layers import LayerSpec
+
+import reference
+
+BASES = {
+    'sgd': (lambda r, **kw: lx.layca_sgd(r, **kw), optax.identity),
+    'momentum': (lambda r, **kw: lx.layca_sgd(r, momentum=0.9, **kw),
+                 lambda: optax.trace(0.9)),
+    'nesterov': (lambda r, **kw: lx.layca_sgd(r, 0.9, True, **kw),
+                 lambda: optax.trace(0.9, nesterov=True)),
+    'adam': (lambda r, **kw: lx.layca_adam(r, **kw), optax.scale_by_adam),
+    'rmsprop': (lambda r, **kw: lx.layca_rmsprop(r, **kw), optax.scale_by_rms),
+    'adagrad': (lambda r, **kw: lx.layca_adagrad(r, **kw), optax.scale_by_rss),
+}
+
+
+def chain_of_links(base, rate, **options):
+  links = {k: v for k, v in options.items() if k != 'multipliers'}
+  return optax.chain(base, lx.layca(**options), optax.scale_by_learning_rate(rate),
+                     lx.keep_norm(**links))
+
+
+def run_both(fused, chain, params, grads_seq):
+  """Params after applying each gradient with both transformations (jitted)."""
+
+  @jax.jit
+  def step(p1, s1, p2, s2, g):
+    u1, s1 = fused.update(g, s1, p1)
+    u2, s2 = chain.update(g, s2, p2)
+    return optax.apply_updates(p1, u1), s1, optax.apply_updates(p2, u2), s2
+
+  p1 = p2 = params
+  s1, s2 = fused.init(params), chain.init(params)
+  for g in grads_seq:
+    p1, s1, p2, s2 = step(p1, s1, p2, s2, g)
+  return p1, s1, p2, s2
+
+
+def relative_error(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def random_tree(rng, shapes, scale=1.0, dtype=np.float32):
+  return {name: jnp.asarray(rng.normal(size=shape) * scale, dtype)
+          for name, shape in shapes.items()}
+
+
+@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.given(
+    base=st.sampled_from(sorted(BASES)),
+    rate=st.floats(1e-3, 1.0),
+    stack=st.integers(0, 1),
+    per_neuron=st.booleans(),
+    use_multipliers=st.booleans(),
+    dims=st.lists(st.integers(1, 5), min_size=2, max_size=3),
+    seed=st.integers(0, 2 ** 16),
+)
+def test_fused_equals_chain_of_links_over_many_steps(
+    base, rate, stack, per_neuron, use_multipliers, dims, seed):
+  rng = np.random.default_rng(seed)
+  shapes = {'kernel': (2,) * stack + tuple(dims) + (3,), 'bias': (3,),
+            'dense': (4, 6)}
+  params = random_tree(rng, shapes)
+  grads_seq = [random_tree(rng, shapes) for _ in range(8)]
+  options = dict(per_neuron=per_neuron, stack_axes={'kernel': stack, 'bias': 0,
+                                                    'dense': 0})
+  if use_multipliers:
+    options['multipliers'] = {
+        'kernel': jnp.asarray(rng.uniform(0, 2, size=(2,) * stack), jnp.float32),
+        'bias': None, 'dense': 0.5}
+  make_fused, make_base = BASES[base]
+  fused = make_fused(rate, non_layer_learning_rate=rate, **options)
+  chain = chain_of_links(make_base(), rate, **options)
+  p1, s1, p2, s2 = run_both(fused, chain, params, grads_seq)
+  for name in shapes:
+    assert relative_error(p1[name], p2[name]) < 1e-5, name
+  for name in ('kernel', 'dense'):
+    np.testing.assert_allclose(lx.norm_drift(s1)[name], 0.0, atol=1e-5)
+    np.testing.assert_array_equal(lx.skipped_steps(s1)[name], 0)
+
+
+@pytest.mark.parametrize('base', ['sgd', 'adam'])
+def test_bf16_params_agree_with_the_chain_to_bf16_rounding(base):
+  rng = np.random.default_rng(0)
+  shapes = {'kernel': (16, 8), 'conv': (3, 3, 4, 8)}
+  params = random_tree(rng, shapes, dtype=jnp.bfloat16)
+  grads_seq = [random_tree(rng, shapes, dtype=jnp.bfloat16) for _ in range(3)]
+  make_fused, make_base = BASES[base]
+  p1, s1, p2, _ = run_both(make_fused(0.1), chain_of_links(make_base(), 0.1),
+                           params, grads_seq)
+  for name in shapes:
+    assert p1[name].dtype == jnp.bfloat16
+    # Both round every step to bf16 (8 bits); the chain also rounds its
+    # intermediate step, so they differ by a few bf16 ulps at most.
+    assert relative_error(p1[name], p2[name]) < 2 ** -6, name
+    np.testing.assert_allclose(lx.norm_drift(s1)[name], 0.0, atol=2 ** -7)
+
+
+@pytest.mark.parametrize('w_scale,g_scale', [(1e-18, 1e18), (1e18, 1e-18),
+                                             (1e-30, 1e-30), (1e30, 1e30)])
+@pytest.mark.parametrize('per_neuron', [False, True])
+def test_extreme_finite_scales_follow_algorithm1(w_scale, g_scale, per_neuron):
+  rng = np.random.default_rng(1)
+  w = (rng.normal(size=(64, 5)) * w_scale).astype(np.float32)
+  g = (rng.normal(size=(64, 5)) * g_scale).astype(np.float32)
+  tx = lx.layca_sgd(0.2, per_neuron=per_neuron)
+  state = tx.init({'kernel': jnp.asarray(w)})
+  updates, state = jax.jit(tx.update)({'kernel': jnp.asarray(g)}, state,
+                                      {'kernel': jnp.asarray(w)})
+  new = np.asarray(optax.apply_updates({'kernel': jnp.asarray(w)}, updates)['kernel'])
+  assert np.all(np.isfinite(new))
+  columns = [slice(None)] if not per_neuron else [np.s_[:, j] for j in range(5)]
+  for col in columns:
+    w64 = w[col].astype(np.float64)
+    want = reference.layca_step(w64, g[col].astype(np.float64),
+                                np.linalg.norm(w64), 0.2)
+    assert relative_error(new[col], want) < 1e-5
+
+
+def test_nearly_parallel_step_avoids_cancellation():
+  """A step almost along the weights: |t|^2 = <d,d> - <d,w>^2/<w,w> would
+  cancel (here to noise); the careful branch measures |t| on the projected
+  step, so the layer still turns by atan(rate) and stays on its sphere."""
+  rng = np.random.default_rng(2)
+  w = rng.normal(size=(32, 16)).astype(np.float32)
+  g = (3.0 * w + 1e-4 * rng.normal(size=w.shape)).astype(np.float32)
+  sums = _fused.unit_sums(LayerSpec('k', w.shape, 0, False), jnp.asarray(w),
+                          jnp.asarray(g), None)
+  assert not bool(_fused.fast_is_exact(sums))  # It takes the careful branch.
+  tx = lx.layca_sgd(0.1)
+  params = {'k': jnp.asarray(w)}
+  updates, _ = tx.update({'k': jnp.asarray(g)}, tx.init(params), params)
+  new = np.asarray(optax.apply_updates(params, updates)['k'])
+  w64 = w.astype(np.float64)
+  want = reference.layca_step(w64, g.astype(np.float64), np.linalg.norm(w64), 0.1)
+  # The tangent is 3e-5 of the step: float32 itself keeps ~3 digits of it.
+  assert relative_error(new, want) < 1e-3
+  angle = lx.step_rotation(params, {'k': jnp.asarray(new)})['k']
+  np.testing.assert_allclose(angle, math.atan(0.1), rtol=1e-3)
+  np.testing.assert_allclose(np.linalg.norm(new), np.linalg.norm(w), rtol=1e-6)
+
+
+@hypothesis.settings(max_examples=20, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2 ** 16), rate=st.floats(0.0, 3.0),
+                  per_neuron=st.booleans())
+def test_fast_and_careful_coefficients_agree(seed, rate, per_neuron):
+  rng = np.random.default_rng(seed)
+  spec = LayerSpec('k', (12, 4), 0, per_neuron)
+  w = jnp.asarray(rng.normal(size=spec.shape), jnp.float32)
+  d = jnp.asarray(rng.normal(size=spec.shape), jnp.float32)
+  n0 = nx.from_units(nx.unit_norm(w, spec, None) * 1.5, spec)
+  rate = jnp.full(spec.keepdims_shape, rate, jnp.float32)
+  sums = _fused.unit_sums(spec, w, d, None)
+  fast_ok = np.asarray(_fused.fast_is_exact(sums))
+  fast = _fused.fast_coefficients(sums, rate, n0)
+  careful = _fused.careful_coefficients(spec, w, d, rate, n0, None)
+  u_fast = _fused.apply_coefficients(fast, w, d, jnp.float32)
+  u_careful = _fused.apply_coefficients(careful, w, d, jnp.float32)
+  keep = np.broadcast_to(fast_ok, spec.shape)
+  np.testing.assert_allclose(np.where(keep, u_fast, 0), np.where(keep, u_careful, 0),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(fast.norm[fast_ok], careful.norm[fast_ok], rtol=1e-6)
+
+
+@pytest.mark.parametrize('base', ['momentum', 'adam', 'rmsprop', 'adagrad', 'sgd'])
+@pytest.mark.parametrize('bad', [np.nan, np.inf])
+def test_non_finite_gradient_skips_the_unit_and_spares_the_base_state(base, bad):
+  rng = np.random.default_rng(3)
+  shapes = {'a': (6, 5), 'b': (4, 3, 2), 'bias': (5,)}
+  params = random_tree(rng, shapes)
+  tx = BASES[base][0](0.1, per_neuron={'a': True, 'b': False, 'bias': False})
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  grads = random_tree(rng, shapes)
+  grads['a'] = grads['a'].at[2, 1].set(bad)  # Neuron 1 of 'a' only.
+  grads['bias'] = grads['bias'].at[0].set(bad)  # Frozen leaf.
+  updates, state = step(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(new['a'][:, 1], params['a'][:, 1])  # Kept.
+  assert not np.allclose(new['a'][:, 0], params['a'][:, 0])          # Moved.
+  assert not np.allclose(new['b'], params['b'])
+  np.testing.assert_array_equal(new['bias'], params['bias'])         # Frozen.
+  np.testing.assert_array_equal(lx.skipped_steps(state)['a'], [0, 1, 0, 0, 0])
+  assert int(lx.skipped_steps(state)['b']) == 0
+  for leaf in jax.tree.leaves(state):
+    assert np.all(np.isfinite(leaf)), 'the base state was poisoned'
+  # Later finite steps move the skipped neuron again.
+  for _ in range(2):
+    updates, state = step(random_tree(rng, shapes), state, new)
+    new = optax.apply_updates(new, updates)
+  assert np.all(np.isfinite(new['a']))
+  assert not np.allclose(new['a'][:, 1], params['a'][:, 1])
+  np.testing.assert_array_equal(lx.skipped_steps(state)['a'], [0, 1, 0, 0, 0])
+  np.testing.assert_allclose(lx.norm_drift(state)['a'], 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize('base', ['sgd', 'adam'])
+def test_trained_non_layer_leaf_with_nan_gradient_keeps_its_values(base):
+  rng = np.random.default_rng(4)
+  params = random_tree(rng, {'k': (4, 4), 'bias': (4,)})
+  tx = BASES[base][0](0.1, non_layer_learning_rate=0.5)
+  state = tx.init(params)
+  grads = {'k': jnp.ones((4, 4)), 'bias': jnp.array([1.0, np.nan, 0.0, 0.0])}
+  updates, state = tx.update(grads, state, params)
+  np.testing.assert_array_equal(updates['bias'], 0.0)
+  for leaf in jax.tree.leaves(state):
+    assert np.all(np.isfinite(leaf))
+  updates, state = tx.update({'k': jnp.ones((4, 4)), 'bias': jnp.ones(4)},
+                             state, params)
+  assert np.all(np.asarray(updates['bias']) < 0)  # Trained at the given rate.
+
+
+def test_frozen_non_layer_leaves_get_zero_updates_and_zero_base_state():
+  rng = np.random.default_rng(5)
+  params = random_tree(rng, {'k': (4, 4), 'scale': (4,)})
+  tx = lx.layca_adam(0.1)
+  state = tx.init(params)
+  grads = {'k': jnp.ones((4, 4)), 'scale': jnp.full(4, jnp.nan)}
+  updates, state = tx.update(grads, state, params)
+  np.testing.assert_array_equal(updates['scale'], 0.0)
+  adam_state = state.base
+  np.testing.assert_array_equal(adam_state.mu['scale'], 0.0)
+  np.testing.assert_array_equal(adam_state.nu['scale'], 0.0)
+
+
+def test_state_holds_a_layca_state_with_initial_norms():
+  params = {'k': jnp.array([[3.0, 0.0], [0.0, 4.0]]), 'b': jnp.ones(2)}
+  state = lx.layca_sgd(0.1, momentum=0.9).init(params)
+  assert isinstance(state.layca, lx.LaycaState)
+  np.testing.assert_allclose(state.layca.initial_norm['k'], 5.0)
+  assert state.layca.initial_norm['b'] is None
+  assert int(lx.skipped_steps(state)['k']) == 0
+
+
+def test_zero_step_keeps_the_layer_and_its_norm():
+  params = {'k': jnp.array([[1.0, 2.0], [3.0, 4.0]])}
+  tx = lx.layca_sgd(0.1)
+  updates, state = tx.update({'k': jnp.zeros((2, 2))}, tx.init(params), params)
+  np.testing.assert_allclose(updates['k'], 0.0, atol=1e-6)
+  assert int(lx.skipped_steps(state)['k']) == 0
+
+
+def test_tiny_step_that_underflows_when_squared_still_rotates():
+  """Elements ~1e-25 square to 0 in float32; the careful branch still turns
+  the layer by atan(rate)."""
+  params = {'k': jnp.eye(3, dtype=jnp.float32)}
+  grads = {'k': jnp.zeros((3, 3)).at[0, 1].set(1e-25)}
+  tx = lx.layca_sgd(0.1)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  angle = lx.step_rotation(params, new)['k']
+  np.testing.assert_allclose(angle, math.atan(0.1), rtol=1e-5)
+
+
+def test_schedule_rate_matches_the_chain():
+  rng = np.random.default_rng(6)
+  shapes = {'k': (5, 4)}
+  params = random_tree(rng, shapes)
+  grads_seq = [random_tree(rng, shapes) for _ in range(5)]
+  schedule = optax.exponential_decay(0.3, 1, 0.5)
+  p1, _, p2, _ = run_both(lx.layca_sgd(schedule),
+                          chain_of_links(optax.identity(), schedule),
+                          params, grads_seq)
+  assert relative_error(p1['k'], p2['k']) < 1e-5
