@@ -140,12 +140,6 @@ def fast_coefficients(sums: UnitSums, rate: jax.Array,
                       ones, ones, jnp.where(ok, w_norm, jnp.nan))
 
 
-def _exponent(scale: jax.Array) -> jax.Array:
-  """``e`` for ``scale == 2**e`` from :func:`nx.normalize_pow2` (inf is 2**128)."""
-  _, e = jnp.frexp(jnp.where(jnp.isfinite(scale), scale, 1.0))
-  return jnp.where(jnp.isfinite(scale), e - 1, 128)
-
-
 def careful_coefficients(spec: LayerSpec, w: jax.Array, d: jax.Array,
                          rate: jax.Array, initial_norm: jax.Array,
                          axis_name) -> Coefficients:
@@ -156,8 +150,8 @@ def careful_coefficients(spec: LayerSpec, w: jax.Array, d: jax.Array,
   direction or weights are not finite, or whose weights are zero, keeps its
   weights.
   """
-  w_hat, w_scale, w_finite = nx.normalize_pow2(nx.upcast(w), spec, axis_name)
-  d_hat, d_scale, d_finite = nx.normalize_pow2(nx.upcast(d), spec, axis_name)
+  w_hat, ew, w_finite = nx.normalize_pow2(nx.upcast(w), spec, axis_name)
+  d_hat, ed, d_finite = nx.normalize_pow2(nx.upcast(d), spec, axis_name)
   ww = nx.unit_sum(w_hat * w_hat, spec, axis_name)
   moves = w_finite & d_finite & (ww > 0)
   ww = jnp.where(moves, ww, 1.0)
@@ -169,7 +163,6 @@ def careful_coefficients(spec: LayerSpec, w: jax.Array, d: jax.Array,
   # w = w_hat 2^ew, d = d_hat 2^ed, t_hat = d_hat - c w_hat, and
   # w_new = K (w_hat / |w_hat| - r t_hat / |t_hat|), where
   # t_hat = 2^-shift (beta2 d - gamma w) 2^(shift - ed).
-  ew, ed = _exponent(w_scale), _exponent(d_scale)
   k_hat = jnp.ldexp(initial_norm / jnp.sqrt(1.0 + rate * rate), -ew)
   alpha = k_hat * jax.lax.rsqrt(ww)
   shift = jnp.clip(ed, -_MAX_SHIFT, _MAX_SHIFT)
@@ -181,13 +174,14 @@ def careful_coefficients(spec: LayerSpec, w: jax.Array, d: jax.Array,
   # result as the elementwise pass will compute it, and rescale (keep_norm).
   w32 = nx.upcast(w)
   trial = alpha * w32 + beta1 * (beta2 * nx.upcast(d) - gamma * w32)
-  t_hat, t_scale, t_finite = nx.normalize_pow2(trial, spec, axis_name)
+  t_hat, et, t_finite = nx.normalize_pow2(trial, spec, axis_name)
   trial_sq = nx.unit_sum(t_hat * t_hat, spec, axis_name)
   usable = moves & t_finite & (trial_sq > 0)
   rescale = jnp.where(usable, jnp.ldexp(
       initial_norm * jax.lax.rsqrt(jnp.where(usable, trial_sq, 1.0)),
-      -_exponent(t_scale)), 1.0)
-  norm = jnp.where(moves, jnp.sqrt(ww) * w_scale, jnp.where(w_finite, 0.0, jnp.nan))
+      -et), 1.0)
+  norm = jnp.where(moves, nx.ldexp_exact(jnp.sqrt(ww), ew),
+                   jnp.where(w_finite, 0.0, jnp.nan))
   return Coefficients(alpha * rescale - 1.0, beta1 * rescale, beta2, gamma,
                       moves, d_finite, norm)
 

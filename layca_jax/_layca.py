@@ -38,7 +38,7 @@ def _check_nonzero_norms(norms: list[jax.Array | None], specs) -> None:
     if value is None:
       continue
     for bad, problem in ((value == 0, 'has zero norm'),
-                         (~np.isfinite(value), 'holds NaN or Inf values')):
+                         (~np.isfinite(value), 'has a norm that is not finite in float32 (NaN or Inf values, or a norm beyond the float32 range)')):
       if np.any(bad):
         where = '' if value.ndim == 0 else (
             f' at unit indices {np.argwhere(bad)[:5].tolist()}')
@@ -158,7 +158,7 @@ class LaycaState(NamedTuple):
 def _tangent_step(spec: LayerSpec, step: jax.Array, param: jax.Array,
                   multiplier: jax.Array | None, axis_name):
   """Steps 1-2 on one leaf. Returns (new step, param norm, finite flags)."""
-  w_hat, w_scale, _ = nx.normalize_pow2(nx.upcast(param), spec, axis_name)
+  w_hat, w_exponent, _ = nx.normalize_pow2(nx.upcast(param), spec, axis_name)
   s_hat, _, finite = nx.normalize_pow2(nx.upcast(step), spec, axis_name)
   ww = nx.unit_sum(w_hat * w_hat, spec, axis_name)
   sw = nx.unit_sum(s_hat * w_hat, spec, axis_name)
@@ -175,8 +175,9 @@ def _tangent_step(spec: LayerSpec, step: jax.Array, param: jax.Array,
   factor = jnp.where(turns, w_norm / jnp.sqrt(jnp.where(turns, tt, 1.0)), 0.0)
   if multiplier is not None:
     factor = factor * multiplier
-  new_step = (tangent * factor) * w_scale
-  return new_step.astype(step.dtype), nx.to_units(w_norm * w_scale, spec), finite
+  new_step = nx.ldexp_exact(tangent * factor, w_exponent)
+  return (new_step.astype(step.dtype),
+          nx.to_units(nx.ldexp_exact(w_norm, w_exponent), spec), finite)
 
 
 def layca(

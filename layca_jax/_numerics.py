@@ -48,21 +48,27 @@ def normalize_pow2(x: jax.Array, spec: LayerSpec,
   """Scales each unit of ``x`` (already upcast) by an exact power of two.
 
   Returns:
-    ``(x_hat, scale, finite)``: ``x == x_hat * scale`` with ``max|x_hat|`` in
-    ``[0.5, 1)`` (zero units stay zero with scale 1), and per-unit flags that
-    are False where the unit holds a NaN or Inf (``x_hat`` is zero there).
+    ``(x_hat, exponent, finite)``: ``x == ldexp_exact(x_hat, exponent)`` with
+    ``max|x_hat|`` in ``[0.5, 1)`` (zero units stay zero),
+    and per-unit flags that are False where the unit holds a NaN or Inf
+    (``x_hat`` is zero there). The exponent is returned rather than
+    ``2**exponent``, which overflows for peaks of ``2**127`` and above.
   """
   peak = unit_max_abs(x, spec, axis_name)
   finite = jnp.isfinite(peak)
   usable = finite & (peak > 0)
   _, exponent = jnp.frexp(jnp.where(usable, peak, 1.0))
-  # ldexp is exact; two halves keep 2**exponent representable when the
-  # exponent is near the range limits (subnormal peaks).
+  return ldexp_exact(jnp.where(finite, x, 0.0), -exponent), exponent, finite
+
+
+def ldexp_exact(x: jax.Array, exponent: jax.Array) -> jax.Array:
+  """``x * 2**exponent`` without forming ``2**exponent``.
+
+  Applied in two halves so that neither factor leaves the float range when
+  the exponent is near its limits (subnormal or huge peaks).
+  """
   half = exponent // 2
-  x_hat = jnp.ldexp(jnp.ldexp(jnp.where(finite, x, 0.0), -half),
-                    -(exponent - half))
-  scale = jnp.ldexp(jnp.ones_like(peak), exponent)
-  return x_hat, scale, finite
+  return jnp.ldexp(jnp.ldexp(x, half), exponent - half)
 
 
 def unit_norm(x: jax.Array, spec: LayerSpec, axis_name: AxisName) -> jax.Array:
@@ -70,8 +76,9 @@ def unit_norm(x: jax.Array, spec: LayerSpec, axis_name: AxisName) -> jax.Array:
 
   NaN where the unit is not finite.
   """
-  x_hat, scale, finite = normalize_pow2(upcast(x), spec, axis_name)
-  norm = jnp.sqrt(unit_sum(x_hat * x_hat, spec, axis_name)) * scale
+  x_hat, exponent, finite = normalize_pow2(upcast(x), spec, axis_name)
+  norm = ldexp_exact(jnp.sqrt(unit_sum(x_hat * x_hat, spec, axis_name)),
+                     exponent)
   return to_units(jnp.where(finite, norm, jnp.nan), spec)
 
 

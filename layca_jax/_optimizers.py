@@ -23,15 +23,16 @@ Rate = float | optax.Schedule
 
 
 def check_rate(rate: Any, name: str) -> None:
-  """ValueError for a negative or NaN float rate (schedules pass)."""
+  """ValueError for a negative, NaN or infinite float rate (schedules pass)."""
   if callable(rate) or rate is None:
     return
   try:
     value = float(rate)
   except (TypeError, jax.errors.ConcretizationTypeError):
     return  # A traced rate: its value is not known here.
-  if math.isnan(value) or value < 0:
-    raise ValueError(f'{name} must be a non-negative number, got {rate!r}.')
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(
+        f'{name} must be a finite, non-negative number, got {rate!r}.')
 
 
 def _layca_optimizer(base: optax.GradientTransformation, learning_rate: Rate,
