@@ -642,3 +642,55 @@ def rate_label(rate: float) -> str:
     if abs(power - round(power)) < 1e-9:
       return f'3^{round(power)}'
   return f'{rate:g}'
+
+
+def rate_sweep(args: argparse.Namespace, *, make_tx: Callable[[Any], Any],
+               hyper: str, name: str, stem: str, title: str, xlabel: str,
+               default_powers: Sequence[int], quick_powers: Sequence[int],
+               extra_checks: Callable[[Sequence[Run]], dict] = lambda _: {},
+               ) -> dict[str, Any]:
+  """Trains the ConvNet on MNIST-1D at rates ``3^-k`` and reports rotation vs accuracy.
+
+  The shared body of the Layca-rate (Fig. 1) and SGD-learning-rate (Fig. 2)
+  studies: ``make_tx(schedule)`` builds the optimizer for one rate (step
+  decays at 50% and 75%), compiled once for the sweep through
+  ``optax.inject_hyperparams``; ``hyper`` names the rate in the results.
+  Writes ``{stem}.json``,
+  ``{stem}_curves.png`` and ``{stem}_accuracy.png`` under ``args.out``.
+  """
+  data = mnist1d(num_samples=1000 if args.quick else 5000)
+  total_steps = args.epochs * (data.x.shape[0] // 128)
+  powers = args.powers or (quick_powers if args.quick else default_powers)
+  rates = [3.0 ** -k for k in powers]
+  factory = optax.inject_hyperparams(
+      lambda rate: make_tx(step_decay(rate, total_steps)))
+  runs = [
+      train(ConvNet(), factory(rate=rate), data, epochs=args.epochs,
+            seed=args.seed, quiet=args.quiet, name=f'{name} {rate_label(rate)}',
+            hyper={hyper: rate}, share_compilation=stem)
+      for rate in rates]
+  ordered = sorted(runs, key=lambda r: r.hyper[hyper])
+  rotation = [mean_rotation(r) for r in ordered]
+  accuracy = [r.test_acc for r in ordered]
+  checks = {
+      **extra_checks(runs),
+      f'the final layer rotation grows with the {xlabel}':
+          increasing(rotation),
+      'larger final rotations go with better test accuracy '
+      '(rank correlation > 0)':
+          rank_correlation(rotation, accuracy) > 0,
+  }
+  out = Path(args.out)
+  figures = [
+      plot_runs(runs, out / f'{stem}_curves.png',
+                title=f'{title} ' + ', '.join(rate_label(r) for r in rates)
+                + ' (step decays at 50% and 75%)'),
+      plot_accuracy_vs_rotation(
+          ordered, out / f'{stem}_accuracy.png', xlabel=xlabel,
+          xs=[r.hyper[hyper] for r in ordered], log_x=True),
+  ]
+  result = study_result(args, runs, checks,
+                        rank_correlation=rank_correlation(rotation, accuracy))
+  write_json(out / f'{stem}.json', result)
+  report(result, out / f'{stem}.json', figures)
+  return result

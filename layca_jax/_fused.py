@@ -158,7 +158,7 @@ def careful_coefficients(spec: LayerSpec, w: jax.Array, d: jax.Array,
   c = nx.unit_sum(d_hat * w_hat, spec, axis_name) / ww
   tangent = d_hat - c * w_hat
   tt = nx.unit_sum(tangent * tangent, spec, axis_name)
-  has_step = tt > 0
+  has_step = nx.has_tangent(tt, nx.unit_sum(d_hat * d_hat, spec, axis_name))
   inv_t = jnp.where(has_step, jax.lax.rsqrt(jnp.where(has_step, tt, 1.0)), 0.0)
   # w = w_hat 2^ew, d = d_hat 2^ed, t_hat = d_hat - c w_hat, and
   # w_new = K (w_hat / |w_hat| - r t_hat / |t_hat|), where

@@ -166,11 +166,7 @@ def _tangent_step(spec: LayerSpec, step: jax.Array, param: jax.Array,
   # Measured on the projected step itself, not as <s,s> - <s,w>^2/<w,w>,
   # which cancels when the step is nearly parallel to the weights.
   tt = nx.unit_sum(tangent * tangent, spec, axis_name)
-  # A step parallel to the weights to within rounding has no tangent part:
-  # what is left is noise, which step 2 would blow up to a full step.
-  ss = nx.unit_sum(s_hat * s_hat, spec, axis_name)
-  noise = (8 * jnp.finfo(ss.dtype).eps) ** 2 * ss
-  turns = tt > noise
+  turns = nx.has_tangent(tt, nx.unit_sum(s_hat * s_hat, spec, axis_name))
   w_norm = jnp.sqrt(ww)
   factor = jnp.where(turns, w_norm / jnp.sqrt(jnp.where(turns, tt, 1.0)), 0.0)
   if multiplier is not None:

@@ -71,6 +71,17 @@ def ldexp_exact(x: jax.Array, exponent: jax.Array) -> jax.Array:
   return jnp.ldexp(jnp.ldexp(x, half), exponent - half)
 
 
+def has_tangent(tangent_sq: jax.Array, step_sq: jax.Array) -> jax.Array:
+  """Whether a step keeps a tangent part after projection, per unit.
+
+  A step parallel to the weights to within rounding leaves only noise after
+  the projection (``tangent_sq`` against the step's ``step_sq``), which the
+  normalisation would blow up to a full step in a random direction: such a
+  step, and any step of a one-element unit, is a zero rotation.
+  """
+  return tangent_sq > (8 * jnp.finfo(step_sq.dtype).eps) ** 2 * step_sq
+
+
 def unit_norm(x: jax.Array, spec: LayerSpec, axis_name: AxisName) -> jax.Array:
   """Per-unit L2 norm in the accumulation dtype, shaped ``spec.unit_shape``.
 
