@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -237,3 +237,30 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def on_cpu() -> bool:
   return jax.devices()[0].platform == 'cpu'
+
+
+def shapes_parser(description: str) -> argparse.ArgumentParser:
+  """:func:`base_parser` plus the model-shape options (``--models``,
+  ``--width-divisor``)."""
+  parser = base_parser(description)
+  parser.add_argument('--models', nargs='+', default=list(MODELS))
+  parser.add_argument('--width-divisor', type=int, default=None,
+                      help='divide channel widths (default: 1 with --full or '
+                           'on GPU, 4 on CPU)')
+  return parser
+
+
+class RunSize(NamedTuple):
+  """Shape scaling and timing counts of one benchmark run."""
+
+  divisor: int
+  steps: int
+  repeats: int
+
+
+def run_size(args: argparse.Namespace, cpu_repeats: int = 5) -> RunSize:
+  """Scaled-down shapes and fewer steps on CPU unless ``--full``; flags win."""
+  cpu = on_cpu()
+  return RunSize(args.width_divisor or (4 if cpu and not args.full else 1),
+                 args.steps or (10 if cpu else 50),
+                 args.repeats or (cpu_repeats if cpu else 10))

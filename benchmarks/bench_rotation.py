@@ -57,14 +57,8 @@ def track_rotation_measure():
 
 
 def main() -> None:
-  parser = common.base_parser(__doc__.splitlines()[0])
-  parser.add_argument('--models', nargs='+', default=list(common.MODELS))
-  parser.add_argument('--width-divisor', type=int, default=None)
-  args = parser.parse_args()
-  cpu = common.on_cpu()
-  divisor = args.width_divisor or (4 if cpu and not args.full else 1)
-  steps = args.steps or (10 if cpu else 50)
-  repeats = args.repeats or (7 if cpu else 10)
+  args = common.shapes_parser(__doc__.splitlines()[0]).parse_args()
+  divisor, steps, repeats = common.run_size(args, cpu_repeats=7)
   info = common.device_info()
   measures = {'read params + init once': read_once,
               'lx.layer_rotation': lx.layer_rotation}

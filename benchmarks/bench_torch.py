@@ -91,10 +91,7 @@ def time_torch(fn, repeats: int, calls: int, device) -> dict[str, float]:
 
 
 def main() -> None:
-  parser = common.base_parser(__doc__.splitlines()[0])
-  parser.add_argument('--models', nargs='+', default=list(common.MODELS))
-  parser.add_argument('--width-divisor', type=int, default=None)
-  args = parser.parse_args()
+  args = common.shapes_parser(__doc__.splitlines()[0]).parse_args()
   info = common.device_info()
   if torch is None:
     print('PyTorch is not installed: skipping bench_torch.')
@@ -102,10 +99,7 @@ def main() -> None:
                       {'benchmark': 'bench_torch', 'info': info,
                        'skipped': 'torch not installed', 'rows': []})
     return
-  cpu = common.on_cpu()
-  divisor = args.width_divisor or (4 if cpu and not args.full else 1)
-  steps = args.steps or (10 if cpu else 50)
-  repeats = args.repeats or (5 if cpu else 10)
+  divisor, steps, repeats = common.run_size(args)
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   info['torch'] = torch.__version__
   info['torch_device'] = (torch.cuda.get_device_name() if device.type == 'cuda'

@@ -27,7 +27,7 @@ import optax
 
 import _common as common
 import layca_jax as lx
-from layca_jax import _fused
+from layca_jax import _closed_form
 
 RATE = 3.0 ** -3
 
@@ -36,12 +36,12 @@ RATE = 3.0 ** -3
 def careful_path_only() -> Iterator[None]:
   """Traces Layca with the closed form disabled (every step takes the
   careful branch), to time the fallback."""
-  original = _fused.fast_is_exact
-  _fused.fast_is_exact = lambda sums: jnp.zeros_like(sums.ww, bool)
+  original = _closed_form.use_fast
+  _closed_form.use_fast = lambda sums, is_exact: jnp.array(False)
   try:
     yield
   finally:
-    _fused.fast_is_exact = original
+    _closed_form.use_fast = original
 
 
 # name -> (make transformation, matching optax base name or None, min passes)
@@ -127,18 +127,11 @@ def bench_model(model: str, divisor: int, steps: int, repeats: int,
 
 
 def main() -> None:
-  parser = common.base_parser(__doc__.splitlines()[0])
-  parser.add_argument('--models', nargs='+', default=list(common.MODELS))
+  parser = common.shapes_parser(__doc__.splitlines()[0])
   parser.add_argument('--only', nargs='+', default=None,
                       help='optimizer names to run (optax.sgd is always run)')
-  parser.add_argument('--width-divisor', type=int, default=None,
-                      help='divide channel widths (default: 1 with --full or '
-                           'on GPU, 4 on CPU)')
   args = parser.parse_args()
-  cpu = common.on_cpu()
-  divisor = args.width_divisor or (4 if cpu and not args.full else 1)
-  steps = args.steps or (10 if cpu else 50)
-  repeats = args.repeats or (5 if cpu else 10)
+  divisor, steps, repeats = common.run_size(args)
   names = list(OPTIMIZERS)
   if args.only:
     names = ['optax.sgd'] + [n for n in args.only if n != 'optax.sgd']

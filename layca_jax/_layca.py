@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from layca_jax import _closed_form as cf
 from layca_jax import _layers
 from layca_jax import _numerics as nx
-from layca_jax._layers import LayerSpec, PerLeaf, PyTree, UnitOptions
+from layca_jax._layers import PerLeaf, PyTree, UnitOptions
 
 
 def _unit_norms(params: PyTree, specs, axis_names) -> list[jax.Array | None]:
@@ -155,27 +156,19 @@ class LaycaState(NamedTuple):
   skipped: PyTree
 
 
-def _tangent_step(spec: LayerSpec, step: jax.Array, param: jax.Array,
-                  multiplier: jax.Array | None, axis_name):
-  """Steps 1-2 on one leaf. Returns (new step, param norm, finite flags)."""
-  w_hat, w_exponent, _ = nx.normalize_pow2(nx.upcast(param), spec, axis_name)
-  s_hat, _, finite = nx.normalize_pow2(nx.upcast(step), spec, axis_name)
-  ww = nx.unit_sum(w_hat * w_hat, spec, axis_name)
-  sw = nx.unit_sum(s_hat * w_hat, spec, axis_name)
-  tangent = s_hat - jnp.where(ww > 0, sw / jnp.where(ww > 0, ww, 1.0), 0.0) * w_hat
-  # Measured on the projected step itself, not as <s,s> - <s,w>^2/<w,w>,
-  # which cancels when the step is nearly parallel to the weights.
-  tt = nx.unit_sum(tangent * tangent, spec, axis_name)
-  turns = nx.has_tangent(tt, nx.unit_sum(s_hat * s_hat, spec, axis_name))
-  w_norm = jnp.sqrt(ww)
-  factor = jnp.where(turns, w_norm / jnp.sqrt(jnp.where(turns, tt, 1.0)), 0.0)
-  if multiplier is not None:
-    factor = factor * multiplier
-  new_step = nx.ldexp_exact(tangent * factor, w_exponent)
-  return (new_step.astype(step.dtype),
-          nx.to_units(nx.ldexp_exact(w_norm, w_exponent), spec), finite)
+def next_state(state: LaycaState, coefs, specs, treedef) -> LaycaState:
+  """The state after a step: norms seen, skipped units counted."""
+  norm = [None if c is None else nx.to_units(c.norm, spec)
+          for c, spec in zip(coefs, specs)]
+  finite = [None if c is None else nx.to_units(c.finite, spec)
+            for c, spec in zip(coefs, specs)]
+  skipped = jax.tree.map(lambda count, ok: count + (~ok).astype(jnp.int32),
+                         state.skipped, treedef.unflatten(finite))
+  return LaycaState(state.initial_norm, treedef.unflatten(norm), skipped)
 
 
+@_layers.document_options('mask', 'per_neuron', 'stack_axes', 'multipliers',
+                          'axis_name')
 def layca(
     *,
     mask: PerLeaf = None,
@@ -205,18 +198,7 @@ def layca(
   does not fit its leaf are errors. An empty pytree is a no-op.
 
   Args:
-    mask: which leaves are layers; ``None`` for floating leaves with
-      ``ndim >= 2`` (per slice). A bool pytree or a callable of params.
-      Integer and boolean leaves are never layers, whatever the mask.
-    per_neuron: one rotation unit per output channel (last axis).
-    stack_axes: leading axes indexing independent layers (scanned blocks).
-    multipliers: per-unit rate multipliers (a pytree matching params, values
-      at non-layer leaves ignored, or a callable of params), e.g. from
-      :func:`alpha_multipliers`. Scalars, stack-shaped or unit-shaped arrays.
-    axis_name: mesh axis a layer is split over inside ``shard_map``/``pmap``
-      (per-unit sums are ``psum``-ed): one name, or a pytree/callable per
-      leaf with ``None`` for replicated leaves. ``init`` must then run
-      under the same mapping.
+    {options}
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
@@ -254,19 +236,14 @@ def layca(
                                 state.initial_norm)
     leaves, treedef = jax.tree.flatten(params)
     steps = treedef.flatten_up_to(updates)
-    results = [
-        _tangent_step(spec, s, w, m, axis) if spec is not None else None
-        for spec, s, w, m, axis in zip(
-            specs, steps, leaves, multiplier_values(multipliers, params, specs),
-            options.axis_names(params))]
-    new_updates = treedef.unflatten(
-        [r[0] if r is not None else s for r, s in zip(results, steps)])
-    norm = treedef.unflatten([r and r[1] for r in results])
-    finite = treedef.unflatten(
-        [r and nx.to_units(r[2], spec) for r, spec in zip(results, specs)])
-    skipped = jax.tree.map(lambda c, f: c + (~f).astype(jnp.int32),
-                           state.skipped, finite)
-    return new_updates, LaycaState(state.initial_norm, norm, skipped)
+    mults = [jnp.ones((), jnp.float32) if m is None else m
+             for m in multiplier_values(multipliers, params, specs)]
+    coefs = cf.coefficients(cf.LAYCA_STEP, specs, leaves, steps,
+                            options.axis_names(params), mults)
+    new_updates = [s if c is None else cf.apply_coefficients(c, w, s, s.dtype)
+                   for c, w, s in zip(coefs, leaves, steps)]
+    return treedef.unflatten(new_updates), next_state(state, coefs, specs,
+                                                      treedef)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -281,22 +258,7 @@ class KeepNormState(NamedTuple):
   initial_norm: PyTree
 
 
-def _back_on_sphere(spec: LayerSpec, update: jax.Array, param: jax.Array,
-                    initial_norm: jax.Array, axis_name) -> jax.Array:
-  w = nx.upcast(param)
-  target = w + nx.upcast(update)
-  t_hat, _, finite = nx.normalize_pow2(target, spec, axis_name)
-  tt = nx.unit_sum(t_hat * t_hat, spec, axis_name)
-  n0 = nx.from_units(initial_norm, spec)
-  # A unit with a zero update (e.g. a skipped step) keeps its weights bit for
-  # bit instead of being rescaled by a factor that rounds to nearly 1.
-  moves = nx.unit_max_abs(update, spec, axis_name) > 0
-  usable = finite & moves & (tt > 0) & (n0 > 0)
-  factor = n0 / jnp.sqrt(jnp.where(usable, tt, 1.0))
-  new = jnp.where(usable, t_hat * factor, w)
-  return jnp.where(usable, new - w, 0.0).astype(update.dtype)
-
-
+@_layers.document_options('mask', 'per_neuron', 'stack_axes', 'axis_name')
 def keep_norm(
     *,
     mask: PerLeaf = None,
@@ -315,10 +277,7 @@ def keep_norm(
   sphere.
 
   Args:
-    mask: which leaves are layers (see :func:`layca`).
-    per_neuron: one unit per output channel (last axis).
-    stack_axes: leading axes indexing independent layers.
-    axis_name: mesh axis a layer is split over (see :func:`layca`).
+    {options}
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
@@ -347,11 +306,14 @@ def keep_norm(
     specs = check_update_inputs('keep_norm', updates, params, options.specs,
                                 state.initial_norm)
     leaves, treedef = jax.tree.flatten(params)
-    return _layers.map_layers(
-        lambda spec, u, w, n0, axis: _back_on_sphere(spec, u, w, n0, axis),
-        specs, treedef, treedef.flatten_up_to(updates), leaves,
-        treedef.flatten_up_to(state.initial_norm), options.axis_names(params),
-    ), state
+    steps = treedef.flatten_up_to(updates)
+    n0s = [n0 if spec is None else nx.from_units(n0, spec)
+           for n0, spec in zip(treedef.flatten_up_to(state.initial_norm), specs)]
+    coefs = cf.coefficients(cf.BACK_ON_SPHERE, specs, leaves, steps,
+                            options.axis_names(params), n0s)
+    out = [u if c is None else cf.apply_coefficients(c, w, u, u.dtype)
+           for c, w, u in zip(coefs, leaves, steps)]
+    return treedef.unflatten(out), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

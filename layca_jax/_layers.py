@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
 
@@ -149,6 +150,52 @@ def is_floating(leaf: Any) -> bool:
   return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
+_OPTION_DOCS = {
+    'non_layer_learning_rate': (
+        '``None`` (default) freezes non-layer leaves, as in the paper; a '
+        'rate (float or schedule) trains them with the base direction.'),
+    'mask': (
+        'which leaves are layers: ``None`` for every floating leaf with at '
+        'least two dimensions per slice, else a bool pytree or a callable of '
+        'params. Integer and boolean leaves are never layers.'),
+    'per_neuron': (
+        'one rotation unit per output channel (last axis) instead of one per '
+        'layer.'),
+    'stack_axes': (
+        'leading axes indexing independent layers (scanned blocks): each '
+        'slice is a layer.'),
+    'multipliers': (
+        'per-unit rate multipliers: a pytree matching params (values at '
+        'non-layer leaves ignored) or a callable of params, holding scalars, '
+        'stack-shaped or unit-shaped arrays; e.g. from '
+        ':func:`alpha_multipliers`.'),
+    'axis_name': (
+        'mesh axis a layer is split over inside ``shard_map``/``pmap`` '
+        '(per-unit sums are ``psum``-ed): one name, or a pytree/callable per '
+        'leaf with ``None`` for replicated leaves. A transform\'s ``init`` '
+        'must then run under the same mapping.'),
+}
+
+
+def document_options(*names: str) -> Callable[[Any], Any]:
+  """Decorator: the docstring line ``{options}`` becomes the shared
+  descriptions of the options ``names``, so every public function words
+  them the same way."""
+  text = ''.join(
+      textwrap.fill(f'{name}: {_OPTION_DOCS[name]}', width=78,
+                    initial_indent=' ' * 4, subsequent_indent=' ' * 6) + '\n'
+      for name in names)
+
+  def decorate(obj):
+    if '    {options}\n' not in (obj.__doc__ or ''):
+      raise ValueError(f'{obj.__name__} has no {{options}} line to fill.')
+    obj.__doc__ = obj.__doc__.replace('    {options}\n', text)
+    return obj
+
+  return decorate
+
+
+@document_options('mask', 'per_neuron', 'stack_axes')
 def layer_specs(
     params: PyTree,
     mask: PerLeaf = None,
@@ -159,11 +206,7 @@ def layer_specs(
 
   Args:
     params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
-    mask: ``None`` for the default rule (floating leaves with at least two
-      dimensions per slice), else a bool pytree or a callable of params
-      marking the layers. Non-floating leaves are never layers.
-    per_neuron: whether each output channel (last axis) is its own unit.
-    stack_axes: number of leading axes that index independent layers.
+    {options}
 
   Returns:
     A flat list aligned with ``jax.tree.leaves(params)``: a
@@ -346,6 +389,7 @@ def alpha_rates(num_layers: int, alpha: float) -> np.ndarray:
   return ((1.0 + alpha) ** (5.0 / last)) ** l
 
 
+@document_options('mask', 'per_neuron', 'stack_axes')
 def alpha_multipliers(
     params: PyTree,
     alpha: float,
@@ -367,9 +411,7 @@ def alpha_multipliers(
     params: the parameter pytree.
     alpha: in ``[-1, 1]``.
     order: layer paths in forward order; ``None`` for a natural sort of paths.
-    mask: which leaves are layers (see :func:`layca_jax.layer_specs`).
-    per_neuron: per-neuron units (all neurons of a layer share its rate).
-    stack_axes: leading axes that index independent layers.
+    {options}
 
   Returns:
     A pytree like ``params``: a float32 array of the layer's stack shape
@@ -403,18 +445,12 @@ def _is_axis_name(x: Any) -> bool:
       isinstance(x, tuple) and all(isinstance(a, str) for a in x))
 
 
+@document_options('mask', 'per_neuron', 'stack_axes', 'axis_name')
 class UnitOptions(NamedTuple):
   """The options every layer-aware function shares, resolved in one place.
 
   Attributes:
-    mask: which leaves are layers (``None``: floating leaves with
-      ``ndim - stack_axes >= 2``), a bool pytree or a callable of params.
-    per_neuron: one unit per output channel (last axis) instead of per layer.
-    stack_axes: leading axes that index independent layers.
-    axis_name: mesh axis over which a layer leaf is split inside
-      ``shard_map``/``pmap`` (its per-unit sums are ``psum``-ed over it);
-      one name for all layer leaves, or a pytree/callable giving it per leaf,
-      ``None`` for replicated leaves.
+    {options}
   """
 
   mask: PerLeaf = None

@@ -17,7 +17,7 @@ import jax
 import optax
 
 from layca_jax import _fused
-from layca_jax._layers import PerLeaf, UnitOptions
+from layca_jax._layers import PerLeaf, UnitOptions, document_options
 
 Rate = float | optax.Schedule
 
@@ -46,23 +46,9 @@ def _layca_optimizer(base: optax.GradientTransformation, learning_rate: Rate,
                             options, multipliers, base_has_state=base_has_state)
 
 
-_OPTIONS_DOC = """
-    non_layer_learning_rate: ``None`` (default) freezes non-layer leaves, as
-      in the paper; a rate (float or schedule) trains them with the base
-      direction instead.
-    mask: which leaves are layers; ``None`` for floating leaves with
-      ``ndim >= 2``. A bool pytree or a callable of params.
-    per_neuron: one rotation unit per output channel (last axis).
-    stack_axes: leading axes indexing independent layers (scanned blocks).
-    multipliers: per-unit rate multipliers (pytree or callable), e.g. from
-      :func:`alpha_multipliers`.
-    axis_name: mesh axis a layer is split over inside ``shard_map``/``pmap``.
-"""
-
-
-def _with_options_doc(fn):
-  fn.__doc__ = fn.__doc__.replace('    {options}\n', _OPTIONS_DOC.lstrip('\n'))
-  return fn
+_with_options_doc = document_options(
+    'non_layer_learning_rate', 'mask', 'per_neuron', 'stack_axes',
+    'multipliers', 'axis_name')
 
 
 @_with_options_doc
@@ -91,6 +77,7 @@ def layca_sgd(
     momentum: momentum of the base direction (0 for plain SGD).
     nesterov: Nesterov momentum.
     {options}
+
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
 
@@ -139,6 +126,7 @@ def layca_adam(
     learning_rate: the rotation rate ``rho`` (float or optax schedule).
     b1, b2, eps, eps_root: as in ``optax.scale_by_adam``.
     {options}
+
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
 
@@ -179,6 +167,7 @@ def layca_rmsprop(
     learning_rate: the rotation rate ``rho`` (float or optax schedule).
     decay, eps: as in ``optax.scale_by_rms`` (optax's defaults).
     {options}
+
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
 
@@ -218,6 +207,7 @@ def layca_adagrad(
     learning_rate: the rotation rate ``rho`` (float or optax schedule).
     initial_accumulator_value, eps: as in ``optax.scale_by_rss``.
     {options}
+
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
 

@@ -17,7 +17,7 @@ import jax.extend.core as jex
 import numpy as np
 
 from layca_jax import _layers
-from layca_jax._layers import LayerSpec, PerLeaf, PyTree
+from layca_jax._layers import LayerSpec, PerLeaf, PyTree, document_options
 
 
 def _sub_jaxprs(value: Any) -> list[jex.Jaxpr]:
@@ -72,6 +72,7 @@ def _first_uses(jaxpr: jex.Jaxpr, sources: dict[Any, int],
         order.setdefault(index, None)
 
 
+@document_options('mask', 'stack_axes')
 def forward_order(
     apply_fn: Callable[..., Any],
     params: PyTree,
@@ -94,10 +95,9 @@ def forward_order(
     apply_fn: called as ``apply_fn(params, *inputs, **kwargs)``.
     params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
     *inputs: example inputs (only their shapes and dtypes matter).
-    mask: which leaves are layers (see :func:`layca_jax.layer_specs`).
+    {options}
     per_neuron: accepted for symmetry with the other functions (the order
       is per leaf).
-    stack_axes: leading axes indexing independent layers.
     **kwargs: passed to ``apply_fn``.
 
   Returns:

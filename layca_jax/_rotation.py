@@ -154,6 +154,7 @@ def angle_from_chord(chord: jax.Array) -> jax.Array:
   return 2.0 * jnp.arcsin(0.5 * chord)
 
 
+@_layers.document_options('mask', 'per_neuron', 'stack_axes', 'axis_name')
 def layer_rotation(
     params: PyTree,
     init_params: PyTree,
@@ -180,10 +181,7 @@ def layer_rotation(
   Args:
     params: current params.
     init_params: params at initialisation, same structure and shapes.
-    mask: which leaves are layers (see :func:`layca`).
-    per_neuron: one value per output channel (last axis).
-    stack_axes: leading axes indexing independent layers: one value each.
-    axis_name: mesh axis a layer is split over inside ``shard_map``/``pmap``.
+    {options}
 
   Returns:
     A pytree like ``params``: a float32 array of the unit shape (a scalar

@@ -18,7 +18,7 @@ import optax
 
 from layca_jax import _layca
 from layca_jax import _rotation
-from layca_jax._layers import PerLeaf, PyTree, UnitOptions
+from layca_jax._layers import PerLeaf, PyTree, UnitOptions, document_options
 
 
 class TrackRotationState(NamedTuple):
@@ -47,6 +47,7 @@ class TrackRotationState(NamedTuple):
   history_len: jax.Array | None
 
 
+@document_options('mask', 'per_neuron', 'stack_axes', 'axis_name')
 def track_rotation(
     every: int = 1,
     *,
@@ -74,10 +75,7 @@ def track_rotation(
     every: record on steps ``0, every, 2 * every, ...``.
     history: capacity of a ring buffer keeping the last ``history`` records
       and their step numbers in the state; ``None`` for none.
-    mask: which leaves are layers (see :func:`layca_jax.layer_specs`).
-    per_neuron: one rotation per output channel (last axis).
-    stack_axes: leading axes indexing independent layers.
-    axis_name: mesh axis a layer is split over inside ``shard_map``/``pmap``.
+    {options}
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` needs ``params``.

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import layca_jax as lx
-from layca_jax import _fused
+from layca_jax import _closed_form as cf
 from layca_jax import _numerics as nx
 from layca_jax._layers import LayerSpec
 
@@ -138,17 +138,20 @@ def test_extreme_finite_scales_follow_algorithm1(w_scale, g_scale, per_neuron):
     assert relative_error(new[col], want) < 1e-5
 
 
-def test_nearly_parallel_step_avoids_cancellation():
+@pytest.mark.parametrize('make', [
+    lambda: lx.layca_sgd(0.1),
+    lambda: chain_of_links(optax.identity(), 0.1)], ids=['fused', 'links'])
+def test_nearly_parallel_step_avoids_cancellation(make):
   """A step almost along the weights: |t|^2 = <d,d> - <d,w>^2/<w,w> would
   cancel (here to noise); the careful branch measures |t| on the projected
   step, so the layer still turns by atan(rate) and stays on its sphere."""
   rng = np.random.default_rng(2)
   w = rng.normal(size=(32, 16)).astype(np.float32)
   g = (3.0 * w + 1e-4 * rng.normal(size=w.shape)).astype(np.float32)
-  sums = _fused.unit_sums(LayerSpec('k', w.shape, 0, False), jnp.asarray(w),
+  sums = cf.tangent_sums(LayerSpec('k', w.shape, 0, False), jnp.asarray(w),
                           jnp.asarray(g), None)
-  assert not bool(_fused.fast_is_exact(sums))  # It takes the careful branch.
-  tx = lx.layca_sgd(0.1)
+  assert not bool(cf.tangent_is_exact(sums))  # It takes the careful branch.
+  tx = make()
   params = {'k': jnp.asarray(w)}
   updates, _ = tx.update({'k': jnp.asarray(g)}, tx.init(params), params)
   new = np.asarray(optax.apply_updates(params, updates)['k'])
@@ -171,12 +174,12 @@ def test_fast_and_careful_coefficients_agree(seed, rate, per_neuron):
   d = jnp.asarray(rng.normal(size=spec.shape), jnp.float32)
   n0 = nx.from_units(nx.unit_norm(w, spec, None) * 1.5, spec)
   rate = jnp.full(spec.keepdims_shape, rate, jnp.float32)
-  sums = _fused.unit_sums(spec, w, d, None)
-  fast_ok = np.asarray(_fused.fast_is_exact(sums))
-  fast = _fused.fast_coefficients(sums, rate, n0)
-  careful = _fused.careful_coefficients(spec, w, d, rate, n0, None)
-  u_fast = _fused.apply_coefficients(fast, w, d, jnp.float32)
-  u_careful = _fused.apply_coefficients(careful, w, d, jnp.float32)
+  sums = cf.tangent_sums(spec, w, d, None)
+  fast_ok = np.asarray(cf.tangent_is_exact(sums))
+  fast = cf.fast_layca_update(sums, rate, n0)
+  careful = cf.careful_layca_update(spec, w, d, rate, n0, None)
+  u_fast = cf.apply_coefficients(fast, w, d, jnp.float32)
+  u_careful = cf.apply_coefficients(careful, w, d, jnp.float32)
   keep = np.broadcast_to(fast_ok, spec.shape)
   np.testing.assert_allclose(np.where(keep, u_fast, 0), np.where(keep, u_careful, 0),
                              rtol=1e-5, atol=1e-5)
@@ -283,3 +286,53 @@ def test_schedule_rate_matches_the_chain():
                           chain_of_links(optax.identity(), schedule),
                           params, grads_seq)
   assert relative_error(p1['k'], p2['k']) < 1e-5
+
+
+def branch_updates(recipe, spec, w, d, *per_unit):
+  """The update of ``recipe`` from its fast and from its careful branch."""
+  sums = recipe.sums(spec, w, d, None)
+  fast = recipe.fast(sums, *per_unit)
+  careful = recipe.careful(spec, w, d, *per_unit, None)
+  return (np.asarray(recipe.is_exact(sums)),
+          cf.apply_coefficients(fast, w, d, jnp.float32),
+          cf.apply_coefficients(careful, w, d, jnp.float32))
+
+
+@hypothesis.settings(max_examples=20, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2 ** 16), per_neuron=st.booleans(),
+                  step_scale=st.sampled_from([1e-3, 1.0, 1e3]),
+                  multiplier=st.floats(0.0, 3.0))
+def test_link_branches_agree(seed, per_neuron, step_scale, multiplier):
+  """The links' fast branch (plain sums) and careful branch (scaled sums,
+  measured tangent) give the same update wherever the fast one is used."""
+  rng = np.random.default_rng(seed)
+  spec = LayerSpec('k', (12, 4), 0, per_neuron)
+  w = jnp.asarray(rng.normal(size=spec.shape), jnp.float32)
+  d = jnp.asarray(rng.normal(size=spec.shape) * step_scale, jnp.float32)
+  n0 = nx.from_units(nx.unit_norm(w, spec, None) * 1.5, spec)
+  m = jnp.full(spec.keepdims_shape, multiplier, jnp.float32)
+  for recipe, extra in ((cf.LAYCA_STEP, m), (cf.BACK_ON_SPHERE, n0)):
+    exact, fast, careful = branch_updates(recipe, spec, w, d, extra)
+    assert exact.all()  # Ordinary values take the fast branch.
+    scale = float(np.max(np.abs(careful))) + 1e-30
+    np.testing.assert_allclose(fast, careful, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize('careful', [False, True])
+def test_keep_norm_keeps_a_layer_with_a_zero_update_bit_for_bit(careful):
+  """Both branches: a zero update (a frozen or skipped layer) leaves the
+  weights exactly as they are, instead of rescaling them by ~1. A huge
+  gradient on another layer sends the whole tree down the careful branch."""
+  rng = np.random.default_rng(7)
+  params = random_tree(rng, {'frozen': (5, 4), 'other': (3, 3)})
+  grads = {'frozen': jnp.zeros((5, 4)),
+           'other': random_tree(rng, {'o': (3, 3)}, 1e30 if careful else 1.0)['o']}
+  tx = optax.chain(optax.sgd(0.1), lx.keep_norm())
+  sums = cf.sphere_sums(LayerSpec('other', (3, 3), 0, False), params['other'],
+                        -0.1 * grads['other'], None)
+  assert bool(cf.sphere_is_exact(sums)) is not careful
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(new['frozen'], params['frozen'])
+  np.testing.assert_allclose(np.linalg.norm(new['other']),
+                             np.linalg.norm(params['other']), rtol=1e-6)
