@@ -157,22 +157,23 @@ def per_step(times: Sequence[float], steps: int) -> dict[str, float]:
           'min_ms': 1e3 * min(times) / steps}
 
 
-def copy_bandwidth(num_bytes: int, steps: int, repeats: int) -> float:
-  """Measured bytes/s of a read-plus-write pass over ``num_bytes`` of float32.
-
-  ``x <- x * c`` with ``c`` varying per iteration, ``steps`` times in one
-  jit: each iteration reads and writes the buffer once.
-  """
-  n = max(1, num_bytes // 4)
-  x = jnp.ones((n,), jnp.float32)
+def copy_loop(num_bytes: int, steps: int) -> Callable[[], Any]:
+  """A zero-argument function making ``steps`` read-plus-write passes over
+  ``num_bytes`` of float32 inside one jit (``x <- x * c``, ``c`` varying per
+  iteration): time it beside the rows it is a roof for."""
+  x = jnp.ones((max(1, num_bytes // 4),), jnp.float32)
 
   @jax.jit
   def run(x):
     return jax.lax.fori_loop(
         0, steps, lambda i, x: x * (1.0 + 1e-7 * i.astype(jnp.float32)), x)
 
-  times = time_call(lambda: run(x), repeats)
-  return 2 * n * 4 * steps / statistics.median(times)
+  return lambda: run(x)
+
+
+def copy_bandwidth(times: Sequence[float], num_bytes: int, steps: int) -> float:
+  """Bytes/s of :func:`copy_loop` from its measured times (median)."""
+  return 2 * num_bytes * steps / statistics.median(times)
 
 
 # ---------------------------------------------------------------------------

@@ -7,10 +7,14 @@ gradient is a fixed random tree carried through the loop behind
 All optimizers are compiled first, then timed in interleaved rounds (each
 round calls each once), so load changes on a shared machine hit them alike.
 Ratios are against ``optax.sgd`` and against the matching optax base, measured
-in the same run, from the medians (``vs_*``) and from the minima (``*_min``). ``roof_%`` is the time a minimal number of passes over the
-params would take at the copy bandwidth measured in the same run (bytes
-read + written / bandwidth) as a percentage of the measured time: 3 arrays
-for SGD, 5 for Layca-SGD's two passes (read w, g; read w, g, write w).
+in the same run, from the medians (``vs_*``) and from the minima (``*_min``).
+``roof_%`` is the time a minimal number of passes over the params would take
+at the copy bandwidth (a read-plus-write pass over a params-sized float32
+array, timed in the same interleaved rounds) as a percentage of the measured
+time: 3 arrays for SGD, 5 for Layca-SGD's two passes (read w, g; read w, g,
+write w). The ablation rows patch the library while tracing, to show what
+the whole-tree safety switch costs and what taking ``<w,w>`` as known would
+save; neither ablation is offered by the library.
 
     python benchmarks/bench_update.py            # scaled-down shapes on CPU
     python benchmarks/bench_update.py --full     # full ResNet-50 / GPT-2-small
@@ -28,25 +32,63 @@ import optax
 import _common as common
 import layca_jax as lx
 from layca_jax import _closed_form
+from layca_jax import _numerics as nx
 
 RATE = 3.0 ** -3
+COPY = 'copy pass (bandwidth roof)'
 
 
 @contextlib.contextmanager
-def careful_path_only() -> Iterator[None]:
-  """Traces Layca with the closed form disabled (every step takes the
-  careful branch), to time the fallback."""
-  original = _closed_form.use_fast
-  _closed_form.use_fast = lambda sums, is_exact: jnp.array(False)
+def patched(module, **values) -> Iterator[None]:
+  """Sets attributes of ``module`` while Layca is traced (ablation rows)."""
+  originals = {name: getattr(module, name) for name in values}
+  for name, value in values.items():
+    setattr(module, name, value)
   try:
     yield
   finally:
-    _closed_form.use_fast = original
+    for name, value in originals.items():
+      setattr(module, name, value)
 
 
-# name -> (make transformation, matching optax base name or None, min passes)
+def careful_branch_always(params):
+  """Every step takes the careful branch: the fallback's cost."""
+  del params
+  return patched(_closed_form,
+                 use_fast=lambda sums, is_exact: jnp.array(False))
+
+
+def fast_branch_always(params):
+  """Ablation: no whole-tree switch at all (valid only for these inputs):
+  what the safety switch costs."""
+  del params
+  return patched(_closed_form, use_fast=lambda sums, is_exact: jnp.array(True))
+
+
+def norm_taken_as_known(params):
+  """Ablation, not offered by the library: ``<w,w>`` taken as ``n0^2``
+  instead of measured (two sums instead of three). Layca keeps every norm
+  at ``n0``, but this silently goes wrong when something else changes the
+  params between steps; this row measures what it would save."""
+  specs = lx.layer_specs(params)
+  known = {spec.path: nx.unit_sum(nx.upcast(w) ** 2, spec, None)
+           for spec, w in zip(specs, jax.tree.leaves(params))
+           if spec is not None}
+
+  def two_sums(spec, w, d, axis_name):
+    w32, d32 = nx.upcast(w), nx.upcast(d)
+    return _closed_form.TangentSums(
+        known[spec.path], nx.unit_sum(d32 * w32, spec, axis_name),
+        nx.unit_sum(d32 * d32, spec, axis_name))
+
+  recipe = _closed_form.LAYCA_UPDATE._replace(sums=two_sums)
+  return patched(_closed_form, LAYCA_UPDATE=recipe)
+
+
+# name -> (make transformation, matching optax base name or None, min passes,
+#          patch of the library while tracing, for the ablation rows)
 OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation],
-                            str | None, int | None]] = {
+                            str | None, int | None, Callable | None]] = {
     'optax.sgd': (lambda: optax.sgd(0.1), None, 3),
     'optax.sgd(momentum=0.9)': (lambda: optax.sgd(0.1, momentum=0.9), None, 5),
     'optax.adam': (lambda: optax.adam(1e-3), None, 7),
@@ -57,7 +99,12 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation],
         lambda: optax.chain(lx.layca(), optax.sgd(RATE), lx.keep_norm()),
         'optax.sgd', 5),
     'lx.layca_sgd': (lambda: lx.layca_sgd(RATE), 'optax.sgd', 5),
-    'lx.layca_sgd (careful path)': (lambda: lx.layca_sgd(RATE), 'optax.sgd', 5),
+    'lx.layca_sgd (careful path)': (lambda: lx.layca_sgd(RATE), 'optax.sgd', 5,
+                                    careful_branch_always),
+    'lx.layca_sgd (ablation: no switch)': (
+        lambda: lx.layca_sgd(RATE), 'optax.sgd', 5, fast_branch_always),
+    'lx.layca_sgd (ablation: <w,w> known)': (
+        lambda: lx.layca_sgd(RATE), 'optax.sgd', 5, norm_taken_as_known),
     'lx.layca_sgd(momentum=0.9)': (lambda: lx.layca_sgd(RATE, momentum=0.9),
                                    'optax.sgd(momentum=0.9)', None),
     'lx.layca_adam': (lambda: lx.layca_adam(3.0 ** -5), 'optax.adam', None),
@@ -88,13 +135,12 @@ def update_loop(tx: optax.GradientTransformation, steps: int):
 
 def compiled_loop(name: str, params, grads, steps: int):
   """A zero-argument function running ``steps`` steps of optimizer ``name``."""
-  make, _, _ = OPTIMIZERS[name]
+  make, _, _, *patch = OPTIMIZERS[name]
   tx = make()
   state = tx.init(params)
   run = update_loop(tx, steps)
-  guard = careful_path_only() if 'careful' in name else contextlib.nullcontext()
-  with guard:
-    jax.block_until_ready(run(params, state, grads))  # Traces under the guard.
+  with patch[0](params) if patch else contextlib.nullcontext():
+    jax.block_until_ready(run(params, state, grads))  # Traces under the patch.
   return lambda: run(params, state, grads)
 
 
@@ -104,17 +150,17 @@ def bench_model(model: str, divisor: int, steps: int, repeats: int,
   params = common.random_tree(shapes, seed=0, scale=0.05)
   grads = common.random_tree(shapes, seed=1, scale=1e-3)
   param_bytes = common.tree_bytes(params)
-  bandwidth = common.copy_bandwidth(param_bytes, steps, repeats)
-  loops = {}
+  loops = {COPY: common.copy_loop(param_bytes, steps)}
   for name in names:
     loops[name] = compiled_loop(name, params, grads, steps)
     print(f'  compiled {model} {name}', flush=True)
   times = common.time_interleaved(loops, repeats)
+  bandwidth = common.copy_bandwidth(times.pop(COPY), param_bytes, steps)
   rows = [{'model': model, 'optimizer': name,
            **common.per_step(times[name], steps)} for name in names]
   by_name = {r['optimizer']: r for r in rows}
   for r in rows:
-    _, base, passes = OPTIMIZERS[r['optimizer']]
+    _, base, passes, *_ = OPTIMIZERS[r['optimizer']]
     for key, ref in (('vs_sgd', 'optax.sgd'), ('vs_base', base)):
       if ref in by_name:
         r[key] = r['ms'] / by_name[ref]['ms']

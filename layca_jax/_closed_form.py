@@ -35,11 +35,6 @@ import jax.numpy as jnp
 from layca_jax import _numerics as nx
 from layca_jax._layers import LayerSpec
 
-# Sums of squares in [2^-60, 2^60] lose nothing to flushed subnormal squares
-# (< 2^-126 each, so < 2^-96 over 2^30 elements) and their products and
-# ratios stay far from float32 overflow.
-_SAFE_MIN = 2.0 ** -60
-_SAFE_MAX = 2.0 ** 60
 # |t|^2 = <d,d> - c <d,w> is trusted only while it keeps at least this
 # fraction of <d,d>: rounding in the sums is then amplified by at most 8x.
 _MIN_TANGENT_FRACTION = 2.0 ** -3
@@ -75,10 +70,6 @@ def apply_coefficients(coef: Coefficients, w: jax.Array, d: jax.Array,
   w32, d32 = nx.upcast(w), nx.upcast(d)
   update = coef.alpha_m1 * w32 + coef.beta1 * (coef.beta2 * d32 - coef.gamma * w32)
   return jnp.where(coef.moves, update, 0.0).astype(dtype)
-
-
-def _in_range(s: jax.Array) -> jax.Array:
-  return (s >= _SAFE_MIN) & (s <= _SAFE_MAX)
 
 
 def _split_exponent(value: jax.Array, exponent: jax.Array):
@@ -122,7 +113,7 @@ def tangent_is_exact(sums: TangentSums) -> jax.Array:
   False for non-finite, tiny (possible underflow), huge, or nearly parallel
   (cancellation in ``|t|^2``) units, which take the careful branch.
   """
-  ok = _in_range(sums.ww) & _in_range(sums.dd)
+  ok = nx.in_safe_range(sums.ww) & nx.in_safe_range(sums.dd)
   ww = jnp.where(ok, sums.ww, 1.0)
   tt = sums.dd - (sums.dw / ww) * sums.dw
   return ok & (tt >= _MIN_TANGENT_FRACTION * sums.dd)
@@ -255,7 +246,7 @@ def sphere_is_exact(sums: SphereSums) -> jax.Array:
   ``u`` is zero or below ``2^-75`` of it: below float32 resolution of the
   unit, so treating the unit as not moving loses nothing.
   """
-  return _in_range(sums.xx) & (_in_range(sums.uu) | (sums.uu == 0))
+  return nx.in_safe_range(sums.xx) & (nx.in_safe_range(sums.uu) | (sums.uu == 0))
 
 
 def fast_back_on_sphere(sums: SphereSums, n0: jax.Array) -> Coefficients:

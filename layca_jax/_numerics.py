@@ -20,6 +20,13 @@ from layca_jax._layers import LayerSpec
 
 AxisName = Any  # str, a tuple of str, or None.
 
+# Plain (unscaled) float32 sums of squares in [2^-60, 2^60] are safe: the
+# squares flushed to zero are each < 2^-126, so < 2^-96 over 2^30 elements,
+# far below the sum's rounding; no term can overflow, and products and
+# ratios of two such sums stay far from the float32 range.
+_SAFE_SUM_MIN = 2.0 ** -60
+_SAFE_SUM_MAX = 2.0 ** 60
+
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
   """float32, or the input dtype where it is wider."""
@@ -34,6 +41,12 @@ def unit_sum(x: jax.Array, spec: LayerSpec, axis_name: AxisName) -> jax.Array:
   """Per-unit sum, shaped ``spec.keepdims_shape``, global over ``axis_name``."""
   s = jnp.sum(x, axis=spec.reduce_axes, keepdims=True)
   return jax.lax.psum(s, axis_name) if axis_name is not None else s
+
+
+def in_safe_range(sum_of_squares: jax.Array) -> jax.Array:
+  """Whether a plain float32 sum of squares can be used as it is (False for
+  NaN or Inf): no underflow that matters, no overflow anywhere near."""
+  return (sum_of_squares >= _SAFE_SUM_MIN) & (sum_of_squares <= _SAFE_SUM_MAX)
 
 
 def unit_max_abs(x: jax.Array, spec: LayerSpec,

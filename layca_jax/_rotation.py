@@ -15,10 +15,6 @@ from layca_jax._layers import LayerSpec, PerLeaf, PyTree, UnitOptions
 # this many times the error of a single float32 sum (relative to the result);
 # beyond it one more pass measures the chord directly.
 _MAX_ERROR_GROWTH = 16.0
-# One-pass sums need every unit's peak magnitude in [2**-40, 2**40]: then no
-# sum of squares (or product) can overflow or underflow in float32. Outside,
-# units are measured on power-of-two scaled values (_robust_chord).
-_SAFE_EXPONENT = 40
 
 
 def _robust_chord(spec: LayerSpec, a: jax.Array, b: jax.Array,
@@ -54,27 +50,22 @@ def _one_pass(spec: LayerSpec, a: jax.Array, b: jax.Array,
               axis_name) -> _OnePass:
   """Chord between the unit directions from sums read in a single pass.
 
-  ``<a,a>, <b,b>, <a,b>, |a-b|^2`` and the peaks are sibling reductions over
-  the same inputs (XLA fuses them). Two formulas give ``chord^2 = 2(1-cos)``:
+  ``<a,a>, <b,b>, <a,b>, |a-b|^2`` are sibling reductions over the same
+  inputs (XLA:GPU fuses them into one kernel). Two formulas give ``chord^2 = 2(1-cos)``:
   ``2 - 2<a,b>/(|a||b|)`` (exact to a few roundings for large angles) and
   ``(|a-b|^2 - (|a|-|b|)^2) / (|a||b|)`` (exact for small angles unless the
   norms changed much more than the direction). The better one is kept when
   its error bound is small relative to the result; ``level`` says otherwise.
   """
   a, b = nx.upcast(a), nx.upcast(b)
-  peak_a = nx.unit_max_abs(a, spec, axis_name)
-  peak_b = nx.unit_max_abs(b, spec, axis_name)
   aa = nx.unit_sum(a * a, spec, axis_name)
   bb = nx.unit_sum(b * b, spec, axis_name)
   ab = nx.unit_sum(a * b, spec, axis_name)
   diff = a - b
   dd = nx.unit_sum(diff * diff, spec, axis_name)
-  ok = (jnp.isfinite(peak_a) & jnp.isfinite(peak_b)
-        & (peak_a > 0) & (peak_b > 0))
-  lo, hi = 2.0 ** -_SAFE_EXPONENT, 2.0 ** _SAFE_EXPONENT
-  in_range = ((peak_a >= lo) & (peak_a <= hi)
-              & (peak_b >= lo) & (peak_b <= hi))
-  usable = ok & in_range
+  # Out of range covers zero, non-finite and extreme units: the scaled
+  # passes tell them apart.
+  usable = nx.in_safe_range(aa) & nx.in_safe_range(bb)
   norm_a = jnp.sqrt(jnp.where(usable, aa, 1.0))
   norm_b = jnp.sqrt(jnp.where(usable, bb, 1.0))
   prod = norm_a * norm_b
@@ -86,8 +77,8 @@ def _one_pass(spec: LayerSpec, a: jax.Array, b: jax.Array,
   err_diff = (dd + jnp.abs(radial) * (norm_a + norm_b)) / prod + jnp.abs(by_diff)
   chord2 = jnp.clip(jnp.where(err_diff <= err_dot, by_diff, by_dot), 0.0, 4.0)
   precise = jnp.minimum(err_dot, err_diff) <= _MAX_ERROR_GROWTH * chord2
-  level = jnp.where(~ok, 0, jnp.where(~in_range, 2, jnp.where(precise, 0, 1)))
-  return _OnePass(jnp.where(ok, jnp.sqrt(chord2), jnp.nan), norm_a, norm_b,
+  level = jnp.where(~usable, 2, jnp.where(precise, 0, 1))
+  return _OnePass(jnp.where(usable, jnp.sqrt(chord2), jnp.nan), norm_a, norm_b,
                   jnp.max(level).astype(jnp.int32))
 
 
@@ -111,8 +102,9 @@ def _chords(specs, a_leaves, b_leaves, axis_names) -> list[jax.Array | None]:
   """Per-unit chords of every layer leaf, in float32 (None elsewhere).
 
   One fused pass per leaf; only when some unit needs it (a small angle with a
-  large norm change, or magnitudes beyond 2**+-40) does a single ``lax.cond``
-  (one for all leaves) run the extra passes, each leaf at its own level.
+  large norm change, or a sum of squares outside 2**+-60) does a single
+  ``lax.cond`` (one for all leaves) run the extra passes, each leaf at its
+  own level.
   """
   rows = [(s, a, b, axis) for s, a, b, axis
           in zip(specs, a_leaves, b_leaves, axis_names) if s is not None]
@@ -175,7 +167,7 @@ def layer_rotation(
   Cost and accuracy: one fused reduction pass per layer leaf in the common
   case; accurate to a few float32 roundings relative to the result, small
   angles included. Only when a small rotation comes with a much larger norm
-  change (or magnitudes beyond ``2**+-40``) does one ``lax.cond`` run a
+  change (or a sum of squares outside ``2**+-60``) does one ``lax.cond`` run a
   second pass (or a power-of-two scaled measurement) for those leaves.
 
   Args:
