@@ -80,10 +80,19 @@ def gpt2_small_shapes(width_divisor: int = 1) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
+def smoke_shapes(width_divisor: int = 1) -> dict[str, tuple[int, ...]]:
+  """Four leaves, for checking that a benchmark runs (not for timing)."""
+  del width_divisor
+  return {'conv/kernel': (3, 3, 8, 16), 'bn/scale': (16,),
+          'dense/kernel': (64, 10), 'dense/bias': (10,)}
+
+
 MODELS: dict[str, Callable[[int], dict[str, tuple[int, ...]]]] = {
     'resnet50': resnet50_shapes,
     'gpt2_small': gpt2_small_shapes,
+    'smoke': smoke_shapes,
 }
+TIMED_MODELS = ['resnet50', 'gpt2_small']
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -244,7 +253,8 @@ def shapes_parser(description: str) -> argparse.ArgumentParser:
   """:func:`base_parser` plus the model-shape options (``--models``,
   ``--width-divisor``)."""
   parser = base_parser(description)
-  parser.add_argument('--models', nargs='+', default=list(MODELS))
+  parser.add_argument('--models', nargs='+', default=TIMED_MODELS,
+                      choices=list(MODELS))
   parser.add_argument('--width-divisor', type=int, default=None,
                       help='divide channel widths (default: 1 with --full or '
                            'on GPU, 4 on CPU)')

@@ -1,0 +1,139 @@
+"""Ways to write the closed-form Layca-SGD step in plain jnp, timed against SGD.
+
+Why ``lx.layca_sgd`` costs what it costs on a given backend: each row is the
+same per-leaf closed form (``w <- w/|w| - r t/|t|`` up to scale, no safety
+switch, no state) with the three per-unit sums ``<w,w>, <d,w>, <d,d>`` written
+another way. Rows are timed device-side in interleaved rounds, as in
+``bench_update.py``. On XLA:CPU none of the single-pass forms beat three plain
+sums; only dropping ``<w,w>`` (``known <w,w>``, which the library does not
+do: it trusts nothing about the params between steps) saves a pass.
+
+    python benchmarks/bench_sum_forms.py            # GPT-2-small/4 on CPU
+    python benchmarks/bench_sum_forms.py --full
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+import _common as common
+
+Sums = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def three_sums(w, d) -> Sums:
+  return jnp.sum(w * w), jnp.sum(d * w), jnp.sum(d * d)
+
+
+def dots(w, d) -> Sums:
+  wf, df = w.ravel(), d.ravel()
+  return jnp.dot(wf, wf), jnp.dot(df, wf), jnp.dot(df, df)
+
+
+def variadic(w, d) -> Sums:
+  return jax.lax.reduce((w * w, d * w, d * d), (0.0, 0.0, 0.0),
+                        lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                        tuple(range(w.ndim)))
+
+
+def stacked(w, d) -> Sums:
+  s = jnp.sum(jnp.stack([w * w, d * w, d * d]).reshape(3, -1), axis=1)
+  return s[0], s[1], s[2]
+
+
+def row_then_total(w, d) -> Sums:
+  total = lambda x: jnp.sum(jnp.sum(x, axis=-1))
+  return total(w * w), total(d * w), total(d * d)
+
+
+def complex_packed(w, d) -> Sums:
+  """``sum((w + i d)^2) = <w,w> - <d,d> + 2i <d,w>``: two sums read (w, d)."""
+  z = jax.lax.complex(w, d)
+  s = jnp.sum(z * z)
+  dd = jnp.sum(d * d)
+  return jnp.real(s) + dd, 0.5 * jnp.imag(s), dd
+
+
+def known_ww(w, d) -> Sums:
+  """``<w,w>`` not measured (taken as 1 here; params are unit-norm)."""
+  return jnp.ones((), w.dtype), jnp.sum(d * w), jnp.sum(d * d)
+
+
+FORMS: dict[str, Callable[[jax.Array, jax.Array], Sums]] = {
+    'three jnp.sum': three_sums,
+    'three jnp.dot': dots,
+    'one variadic lax.reduce': variadic,
+    'one stacked (3, n) sum': stacked,
+    'two-stage (rows, then total)': row_then_total,
+    'complex packing': complex_packed,
+    'known <w,w> (two sums)': known_ww,
+}
+RATE = 0.1
+
+
+def layca_step(sums_of: Callable) -> Callable:
+  def step(w, d):
+    ww, dw, dd = sums_of(w, d)
+    c = dw / ww
+    alpha = jax.lax.rsqrt(ww)
+    beta = -RATE * jax.lax.rsqrt(dd - c * dw)
+    return w + (alpha - 1.0) * w + beta * (d - c * w)
+  return step
+
+
+def sgd_step(w, d):
+  return w - RATE * d
+
+
+def tree_loop(step: Callable, steps: int):
+  @jax.jit
+  def run(params, grads):
+    def body(_, carry):
+      p, g = carry
+      g = jax.lax.optimization_barrier(g)
+      return [step(w, d) for w, d in zip(p, g)], g
+    return jax.lax.fori_loop(0, steps, body, (params, grads))
+  return run
+
+
+def main() -> None:
+  parser = common.shapes_parser(__doc__.splitlines()[0])
+  parser.set_defaults(models=['gpt2_small'])
+  args = parser.parse_args()
+  divisor, steps, repeats = common.run_size(args, cpu_repeats=11)
+  info = common.device_info()
+  rows = []
+  for model in args.models:
+    shapes = common.MODELS[model](divisor)
+    # Unit-norm leaves: every form computes the same step, and known_ww is
+    # right to take <w,w> = 1 on every step.
+    params = [w / jnp.linalg.norm(w) for w in jax.tree.leaves(
+        common.random_tree(shapes, seed=0))]
+    grads = jax.tree.leaves(common.random_tree(shapes, seed=1, scale=1e-3))
+    steps_by_name = {'optax-style SGD step': sgd_step}
+    steps_by_name.update({name: layca_step(f) for name, f in FORMS.items()})
+    fns = {}
+    for name, step in steps_by_name.items():
+      run = tree_loop(step, steps)
+      fns[name] = lambda run=run: run(params, grads)
+    times = common.time_interleaved(fns, repeats)
+    base = common.per_step(times['optax-style SGD step'], steps)
+    for name in steps_by_name:
+      row = {'model': model, 'form': name, **common.per_step(times[name], steps)}
+      row['vs_sgd'] = row['ms'] / base['ms']
+      row['vs_sgd_min'] = row['min_ms'] / base['min_ms']
+      row.update(params=common.tree_size(params), width_divisor=divisor)
+      rows.append(row)
+  common.print_table(rows, ['model', 'form', 'ms', 'min_ms', 'vs_sgd',
+                            'vs_sgd_min'],
+                     title=f'Closed-form Layca step, sum forms ({info["device"]})')
+  common.write_json(args.json or common.default_json_path('bench_sum_forms'),
+                    {'benchmark': 'bench_sum_forms', 'info': info,
+                     'steps': steps, 'repeats': repeats, 'rows': rows})
+
+
+if __name__ == '__main__':
+  main()
