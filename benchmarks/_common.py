@@ -166,6 +166,20 @@ def per_step(times: Sequence[float], steps: int) -> dict[str, float]:
           'min_ms': 1e3 * min(times) / steps}
 
 
+def ratio_rows(times: dict[str, Sequence[float]], steps: int, baseline: str,
+               label: str, ratio: str, **extra: Any) -> list[dict[str, Any]]:
+  """One row per timed function: per-step times, and ``ratio`` (and
+  ``ratio + '_min'``) to ``baseline`` from the medians (and the minima)."""
+  base = per_step(times[baseline], steps)
+  rows = []
+  for name, t in times.items():
+    row = {label: name, **per_step(t, steps)}
+    row[ratio] = row['ms'] / base['ms']
+    row[ratio + '_min'] = row['min_ms'] / base['min_ms']
+    rows.append({**row, **extra})
+  return rows
+
+
 def copy_loop(num_bytes: int, steps: int) -> Callable[[], Any]:
   """A zero-argument function making ``steps`` read-plus-write passes over
   ``num_bytes`` of float32 inside one jit (``x <- x * c``, ``c`` varying per
@@ -226,6 +240,16 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
   path.write_text(json.dumps(payload, indent=2, default=float))
   print(f'\nwrote {path}')
   return path
+
+
+def report(name: str, rows: Sequence[dict[str, Any]], columns: Sequence[str],
+           title: str, args: argparse.Namespace,
+           info: dict[str, Any] | None = None, **payload: Any) -> None:
+  """Prints the table and writes the JSON of benchmark ``name``."""
+  info = info or device_info()
+  print_table(rows, columns, title=f'{title} ({info["device"]})')
+  write_json(args.json or default_json_path(name),
+             {'benchmark': name, 'info': info, **payload, 'rows': list(rows)})
 
 
 def default_json_path(name: str) -> Path:

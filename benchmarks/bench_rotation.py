@@ -59,7 +59,6 @@ def track_rotation_measure():
 def main() -> None:
   args = common.shapes_parser(__doc__.splitlines()[0]).parse_args()
   divisor, steps, repeats = common.run_size(args, cpu_repeats=7)
-  info = common.device_info()
   measures = {'read params + init once': read_once,
               'lx.layer_rotation': lx.layer_rotation}
   tracked = track_rotation_measure()
@@ -75,21 +74,14 @@ def main() -> None:
       run = loop(measure, steps)
       fns[name] = (lambda run=run: run(params, init))
     times = common.time_interleaved(fns, repeats)
-    base = common.per_step(times['read params + init once'], steps)
-    for name in measures:
-      row = {'model': model, 'measure': name, **common.per_step(times[name], steps)}
-      row['vs_read_once'] = row['ms'] / base['ms']
-      row['vs_read_once_min'] = row['min_ms'] / base['min_ms']
-      row.update(leaves=len(shapes), params=common.tree_size(params),
-                 width_divisor=divisor)
-      rows.append(row)
-      print(f'  {model:10s} {name:28s} {row["ms"]:.4f} ms', flush=True)
-  common.print_table(rows, ['model', 'measure', 'ms', 'min_ms', 'vs_read_once',
-                            'vs_read_once_min'],
-                     title=f'Layer rotation, device-side ({info["device"]})')
-  common.write_json(args.json or common.default_json_path('bench_rotation'),
-                    {'benchmark': 'bench_rotation', 'info': info,
-                     'steps': steps, 'repeats': repeats, 'rows': rows})
+    rows += common.ratio_rows(times, steps, 'read params + init once',
+                              'measure', 'vs_read_once', model=model,
+                              leaves=len(shapes), params=common.tree_size(params),
+                              width_divisor=divisor)
+  common.report('bench_rotation', rows,
+                ['model', 'measure', 'ms', 'min_ms', 'vs_read_once',
+                 'vs_read_once_min'], 'Layer rotation, device-side', args,
+                steps=steps, repeats=repeats)
 
 
 if __name__ == '__main__':

@@ -104,7 +104,6 @@ def main() -> None:
   parser.set_defaults(models=['gpt2_small'])
   args = parser.parse_args()
   divisor, steps, repeats = common.run_size(args, cpu_repeats=11)
-  info = common.device_info()
   rows = []
   for model in args.models:
     shapes = common.MODELS[model](divisor)
@@ -120,19 +119,14 @@ def main() -> None:
       run = tree_loop(step, steps)
       fns[name] = lambda run=run: run(params, grads)
     times = common.time_interleaved(fns, repeats)
-    base = common.per_step(times['optax-style SGD step'], steps)
-    for name in steps_by_name:
-      row = {'model': model, 'form': name, **common.per_step(times[name], steps)}
-      row['vs_sgd'] = row['ms'] / base['ms']
-      row['vs_sgd_min'] = row['min_ms'] / base['min_ms']
-      row.update(params=common.tree_size(params), width_divisor=divisor)
-      rows.append(row)
-  common.print_table(rows, ['model', 'form', 'ms', 'min_ms', 'vs_sgd',
-                            'vs_sgd_min'],
-                     title=f'Closed-form Layca step, sum forms ({info["device"]})')
-  common.write_json(args.json or common.default_json_path('bench_sum_forms'),
-                    {'benchmark': 'bench_sum_forms', 'info': info,
-                     'steps': steps, 'repeats': repeats, 'rows': rows})
+    rows += common.ratio_rows(times, steps, 'optax-style SGD step', 'form',
+                              'vs_sgd', model=model,
+                              params=common.tree_size(params),
+                              width_divisor=divisor)
+  common.report('bench_sum_forms', rows,
+                ['model', 'form', 'ms', 'min_ms', 'vs_sgd', 'vs_sgd_min'],
+                'Closed-form Layca step, sum forms', args, steps=steps,
+                repeats=repeats)
 
 
 if __name__ == '__main__':

@@ -143,12 +143,10 @@ def main() -> None:
         r.update(params=common.tree_size(params), width_divisor=divisor)
     for r in rows[-5:]:
       print(f'  {model:10s} {r["implementation"]:30s} {r["ms"]:.4f} ms', flush=True)
-  common.print_table(rows, ['model', 'implementation', 'ms', 'min_ms',
-                            'vs_lx_layca_sgd'],
-                     title=f'Layca-SGD step, JAX vs PyTorch ({info["device"]})')
-  common.write_json(args.json or common.default_json_path('bench_torch'),
-                    {'benchmark': 'bench_torch', 'info': info, 'steps': steps,
-                     'repeats': repeats, 'rows': rows})
+  common.report('bench_torch', rows,
+                ['model', 'implementation', 'ms', 'min_ms', 'vs_lx_layca_sgd'],
+                'Layca-SGD step, JAX vs PyTorch', args, info, steps=steps,
+                repeats=repeats)
 
 
 if __name__ == '__main__':

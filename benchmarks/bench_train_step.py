@@ -90,7 +90,6 @@ def main() -> None:
   width = args.width or (16 if small else 64)
   steps = args.steps or (3 if small else 20)
   repeats = args.repeats or (5 if small else 10)
-  info = common.device_info()
   model = ResNet18(width=width)
   key = jax.random.PRNGKey(0)
   images = jax.random.normal(key, (batch, 32, 32, 3), jnp.float32)
@@ -105,19 +104,14 @@ def main() -> None:
     fns[name] = (lambda run=run, state=state:
                  run(params, batch_stats, state, images, labels))
   times = common.time_interleaved(fns, repeats)
-  rows = [{'optimizer': name, **common.per_step(times[name], steps)}
-          for name in optimizers]
-  for row in rows:
-    row['vs_sgd'] = row['ms'] / rows[0]['ms']
-    row['vs_sgd_min'] = row['min_ms'] / rows[0]['min_ms']
-    row.update(batch=batch, width=width, params=common.tree_size(params),
-               leaves=len(jax.tree.leaves(params)))
-  common.print_table(rows, ['optimizer', 'ms', 'min_ms', 'vs_sgd', 'vs_sgd_min'],
-                     title=f'ResNet-18 training step, batch {batch}, width '
-                           f'{width} ({info["device"]})')
-  common.write_json(args.json or common.default_json_path('bench_train_step'),
-                    {'benchmark': 'bench_train_step', 'info': info,
-                     'steps': steps, 'repeats': repeats, 'rows': rows})
+  rows = common.ratio_rows(times, steps, 'optax.sgd', 'optimizer', 'vs_sgd',
+                           batch=batch, width=width,
+                           params=common.tree_size(params),
+                           leaves=len(jax.tree.leaves(params)))
+  common.report('bench_train_step', rows,
+                ['optimizer', 'ms', 'min_ms', 'vs_sgd', 'vs_sgd_min'],
+                f'ResNet-18 training step, batch {batch}, width {width}', args,
+                steps=steps, repeats=repeats)
 
 
 if __name__ == '__main__':

@@ -187,13 +187,11 @@ def main() -> None:
   rows = []
   for model in args.models:
     rows += bench_model(model, divisor, steps, repeats, names)
-  common.print_table(
-      rows, ['model', 'optimizer', 'ms', 'min_ms', 'vs_sgd', 'vs_sgd_min',
-             'vs_base', 'vs_base_min', 'roof_%'],
-      title=f'Update step, device-side ({info["device"]})')
-  common.write_json(args.json or common.default_json_path('bench_update'),
-                    {'benchmark': 'bench_update', 'info': info,
-                     'steps': steps, 'repeats': repeats, 'rows': rows})
+  common.report('bench_update', rows,
+                ['model', 'optimizer', 'ms', 'min_ms', 'vs_sgd', 'vs_sgd_min',
+                 'vs_base', 'vs_base_min', 'roof_%'],
+                'Update step, device-side', args, info, steps=steps,
+                repeats=repeats)
 
 
 if __name__ == '__main__':

@@ -2,7 +2,7 @@
 
 The 8-device checks live in ``tests/sharding_checks.py`` and run in one
 subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), so this
-process keeps its single device; each check is reported as its own test.
+process keeps its single device; one test reports every check that failed.
 """
 
 from __future__ import annotations
@@ -199,20 +199,14 @@ def test_track_rotation_holds_one_copy_of_params():
 
 
 # ---------------------------------------------------------------------------
-# 8 devices (run last: they wait for the subprocess).
+# 8 devices, in one subprocess.
 
 
-@pytest.fixture(scope='module', autouse=True)
-def sharding_process(request, tmp_path_factory):
-  """Starts the 8-device checks at the module's first test, so that they
-  compile on one core while the in-process tests use the other. Yields
-  (process, stdout path, stderr path); the process never outlives the module.
-  """
-  wanted = any('sharding_results' in getattr(item, 'fixturenames', ())
-               for item in request.session.items)
-  if not wanted:
-    yield None
-    return
+@pytest.fixture(scope='module')
+def sharding_results(tmp_path_factory) -> dict:
+  """Runs the 8-device checks in a subprocess (killed if it outlives its
+  time) and returns their JSON report. Only one test uses it, so under
+  pytest-xdist the subprocess runs once, on one worker."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
   out_dir = tmp_path_factory.mktemp('sharding_checks')
@@ -222,20 +216,10 @@ def sharding_process(request, tmp_path_factory):
         [sys.executable, str(HERE / 'sharding_checks.py')], env=env,
         stdout=stdout, stderr=stderr, cwd=str(HERE.parent))
   try:
-    yield proc, out, err
+    proc.wait(timeout=900)
   finally:
     if proc.poll() is None:
       proc.kill()
-    proc.wait()
-
-
-@pytest.fixture(scope='module')
-def sharding_results(sharding_process) -> dict:
-  proc, out, err = sharding_process
-  try:
-    proc.wait(timeout=900)
-  except subprocess.TimeoutExpired:
-    proc.kill()
     proc.wait()
   stdout, stderr = out.read_text(), err.read_text()
   lines = [l for l in stdout.splitlines() if l.startswith('{')]
@@ -245,16 +229,13 @@ def sharding_results(sharding_process) -> dict:
   return json.loads(lines[-1])
 
 
-def test_every_check_ran(sharding_results):
-  assert sorted(sharding_results['results']) == sorted(SHARDING_CHECKS)
-  assert sharding_results['tracking'] == hasattr(lx, 'track_rotation')
-
-
-@pytest.mark.parametrize('check', SHARDING_CHECKS)
-def test_sharded_matches_single_device(sharding_results, check):
+def test_sharded_matches_single_device(sharding_results):
   """jit+NamedSharding (dp, fsdp, tp, 2-d mesh, Explicit axes, uneven),
-  shard_map and pmap with axis_name: the single-device answer to 1e-5."""
-  outcome = sharding_results['results'][check]
-  assert outcome == 'ok', outcome
-
-
+  shard_map and pmap with axis_name: every check ran and matched the
+  single-device answer to 1e-5."""
+  results = sharding_results['results']
+  assert sorted(results) == sorted(SHARDING_CHECKS)
+  assert sharding_results['tracking'] == hasattr(lx, 'track_rotation')
+  failed = {check: outcome for check, outcome in results.items()
+            if outcome != 'ok'}
+  assert not failed, failed
