@@ -98,8 +98,8 @@ def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
 
   Unscaled, in float32 or wider, ``psum``-ed over ``axis_name``. Three plain
   sums rather than one variadic reduction: XLA:GPU fuses sibling reductions
-  into one kernel, and on XLA:CPU three vectorised sums measured faster than
-  one scalar variadic loop.
+  into one kernel, and on XLA:CPU the variadic form gave no consistent gain
+  (``benchmarks/bench_sum_forms.py``).
   """
   w32, d32 = nx.upcast(w), nx.upcast(d)
   return TangentSums(nx.unit_sum(w32 * w32, spec, axis_name),
@@ -283,7 +283,7 @@ def fast_layca_update(sums: TangentSums, rate: jax.Array,
   ones = jnp.ones_like(sums.ww, bool)
   return Coefficients(alpha - 1.0, -rate * alpha * tangent.ratio,
                       jnp.ones_like(alpha), tangent.c, ones, ones,
-                      jnp.where(tangent_is_exact(sums), tangent.w_norm, jnp.nan))
+                      tangent.w_norm)
 
 
 def careful_layca_update(spec: LayerSpec, w: jax.Array, d: jax.Array,

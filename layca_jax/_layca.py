@@ -271,8 +271,9 @@ def keep_norm(
   The last link of a chain: ``init`` stores each unit's norm; ``update``
   returns the update that moves ``params + updates`` radially back to that
   norm, whatever came before. A unit whose ``params + updates`` is not
-  finite (or zero), or whose update is zero, keeps its weights exactly.
-  Non-layer leaves pass through.
+  finite (or zero), or whose update is zero, keeps its weights exactly; so
+  does one of ordinary scale whose update entries are all below ``2**-63``
+  (below float32 resolution of the unit). Non-layer leaves pass through.
   ``optax.chain(optax.adam(lr), lx.keep_norm())`` is Adam on each layer's
   sphere.
 

@@ -258,20 +258,6 @@ def layer_specs(
   return specs
 
 
-def map_layers(fn: Callable[..., Any], specs: Sequence[LayerSpec | None],
-               treedef: Any, *columns: Sequence[Any],
-               other: Callable[..., Any] = lambda x, *_: x) -> PyTree:
-  """Builds a tree of ``treedef`` from per-leaf columns.
-
-  Each leaf is ``fn(spec, *row)`` at layer leaves and ``other(*row)``
-  elsewhere (the row's first entry by default), where ``row`` holds the
-  leaf's entry of each column (flat lists aligned with ``specs``).
-  """
-  out = [fn(s, *row) if s is not None else other(*row)
-         for s, *row in zip(specs, *columns)]
-  return treedef.unflatten(out)
-
-
 def check_same_structure(params: PyTree, other: PyTree, what: str,
                          none_is_leaf: bool = False) -> None:
   """Raises a ValueError naming the first path where ``other`` differs.
