@@ -560,12 +560,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
   Path(path).write_text(json.dumps(to_jsonable(obj), indent=1) + '\n')
 
 
-def study_result(args: argparse.Namespace, runs: Sequence[Run],
-                 checks: dict[str, bool], **extra: Any) -> dict[str, Any]:
-  """A study's JSON: the command's arguments, every run, and the paper's
-  claims as checked on these runs (``checks``: claim -> holds)."""
-  return {'args': vars(args), 'runs': [r.summary() for r in runs],
-          'checks': checks, **extra}
+def finish_study(args: argparse.Namespace, runs: Sequence[Run],
+                 checks: dict[str, bool], stem: str, figures: Sequence[Path],
+                 **extra: Any) -> dict[str, Any]:
+  """Writes a study's JSON (``{stem}.json`` under ``args.out``: the command's
+  arguments, every run, the paper's claims as checked on these runs
+  (``checks``: claim -> holds) and ``extra``), prints its report, returns it."""
+  result = {'args': vars(args), 'runs': [r.summary() for r in runs],
+            'checks': checks, **extra}
+  json_path = Path(args.out) / f'{stem}.json'
+  write_json(json_path, result)
+  report(result, json_path, figures)
+  return result
 
 
 def report(result: dict[str, Any], json_path: Path,
@@ -585,12 +591,26 @@ def report(result: dict[str, Any], json_path: Path,
 # Plots.
 
 
-def plot_runs(runs: Sequence[Run], path: str | os.PathLike, *,
-              ncols: int | None = None, title: str | None = None) -> Path:
-  """Layer-rotation curves of each run side by side (paper style), x = epoch."""
+def pyplot():
+  """matplotlib.pyplot on the file-only Agg backend (imported on first use)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+  """Lays out, writes (PNG, 110 dpi) and closes ``fig``."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  pyplot().close(fig)
+  return Path(path)
+
+
+def plot_runs(runs: Sequence[Run], path: str | os.PathLike, *,
+              ncols: int | None = None, title: str | None = None) -> Path:
+  """Layer-rotation curves of each run side by side (paper style), x = epoch."""
+  plt = pyplot()
   ncols = ncols or len(runs)
   nrows = math.ceil(len(runs) / ncols)
   fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows),
@@ -603,10 +623,7 @@ def plot_runs(runs: Sequence[Run], path: str | os.PathLike, *,
     ax.set_visible(False)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return Path(path)
+  return save_figure(fig, path)
 
 
 def plot_accuracy_vs_rotation(runs: Sequence[Run], path: str | os.PathLike, *,
@@ -614,9 +631,7 @@ def plot_accuracy_vs_rotation(runs: Sequence[Run], path: str | os.PathLike, *,
                               log_x: bool = False,
                               title: str | None = None) -> Path:
   """Test accuracy and mean final rotation against a swept hyperparameter."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(4.5, 3.2))
   ax.plot(xs, [r.test_acc for r in runs], 'o-', color='C0')
   ax.set_xlabel(xlabel)
@@ -629,10 +644,7 @@ def plot_accuracy_vs_rotation(runs: Sequence[Run], path: str | os.PathLike, *,
   twin.set_ylabel('Mean final cosine distance', color='C1')
   if title:
     ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return Path(path)
+  return save_figure(fig, path)
 
 
 def rate_label(rate: float) -> str:
@@ -644,20 +656,28 @@ def rate_label(rate: float) -> str:
   return f'{rate:g}'
 
 
-def rate_sweep(args: argparse.Namespace, *, make_tx: Callable[[Any], Any],
-               hyper: str, name: str, stem: str, title: str, xlabel: str,
-               default_powers: Sequence[int], quick_powers: Sequence[int],
+def rate_sweep(description: str, argv: Sequence[str] | None, *,
+               make_tx: Callable[[Any], Any], hyper: str, name: str, stem: str,
+               title: str, xlabel: str, default_powers: Sequence[int],
+               quick_powers: Sequence[int],
                extra_checks: Callable[[Sequence[Run]], dict] = lambda _: {},
                ) -> dict[str, Any]:
   """Trains the ConvNet on MNIST-1D at rates ``3^-k`` and reports rotation vs accuracy.
 
-  The shared body of the Layca-rate (Fig. 1) and SGD-learning-rate (Fig. 2)
-  studies: ``make_tx(schedule)`` builds the optimizer for one rate (step
-  decays at 50% and 75%), compiled once for the sweep through
+  The whole of the Layca-rate (Fig. 1) and SGD-learning-rate (Fig. 2)
+  studies, command line included (the study flags and ``--powers``):
+  ``make_tx(schedule)`` builds the optimizer for one rate (step decays at
+  50% and 75%), compiled once for the sweep through
   ``optax.inject_hyperparams``; ``hyper`` names the rate in the results.
-  Writes ``{stem}.json``,
-  ``{stem}_curves.png`` and ``{stem}_accuracy.png`` under ``args.out``.
+  Writes ``{stem}.json``, ``{stem}_curves.png`` and ``{stem}_accuracy.png``
+  under ``--out``.
   """
+  parser = study_parser(description, epochs=30, quick_epochs=2)
+  parser.add_argument('--powers', type=int, nargs='+', default=None,
+                      help=f'sweep the rates 3^-k for these k (default '
+                           f'{list(default_powers)}; {list(quick_powers)} '
+                           f'with --quick)')
+  args = parse_study_args(parser, argv)
   data = mnist1d(num_samples=1000 if args.quick else 5000)
   total_steps = args.epochs * (data.x.shape[0] // 128)
   powers = args.powers or (quick_powers if args.quick else default_powers)
@@ -689,8 +709,6 @@ def rate_sweep(args: argparse.Namespace, *, make_tx: Callable[[Any], Any],
           ordered, out / f'{stem}_accuracy.png', xlabel=xlabel,
           xs=[r.hyper[hyper] for r in ordered], log_x=True),
   ]
-  result = study_result(args, runs, checks,
+  result = finish_study(args, runs, checks, stem, figures,
                         rank_correlation=rank_correlation(rotation, accuracy))
-  write_json(out / f'{stem}.json', result)
-  report(result, out / f'{stem}.json', figures)
   return result

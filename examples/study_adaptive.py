@@ -87,10 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   figures = [_common.plot_runs(runs, out / 'adaptive_curves.png', ncols=3,
                                title='Adaptive methods: alone, with L2, '
                                      'with Layca')]
-  result = _common.study_result(args, runs, checks)
-  _common.write_json(out / 'adaptive.json', result)
-  _common.report(result, out / 'adaptive.json', figures)
-  return result
+  return _common.finish_study(args, runs, checks, 'adaptive', figures)
 
 
 if __name__ == '__main__':

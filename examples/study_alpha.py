@@ -66,10 +66,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
           runs, out / 'alpha_accuracy.png', xlabel='alpha',
           xs=[r.hyper['alpha'] for r in runs]),
   ]
-  result = _common.study_result(args, runs, checks, order=order)
-  _common.write_json(out / 'alpha.json', result)
-  _common.report(result, out / 'alpha.json', figures)
-  return result
+  return _common.finish_study(args, runs, checks, 'alpha', figures,
+                              order=order)
 
 
 if __name__ == '__main__':

@@ -20,16 +20,11 @@ import layca_jax as lx  # pylint: disable=g-import-not-at-top,wrong-import-posit
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  parser = _common.study_parser(__doc__.split('\n')[0], epochs=30,
-                                quick_epochs=2)
-  parser.add_argument('--powers', type=int, nargs='+', default=None,
-                      help='sweep the rates 3^-k for these k (default '
-                           '1..5; [1, 4] with --quick)')
-  args = _common.parse_study_args(parser, argv)
   return _common.rate_sweep(
-      args, make_tx=lx.layca_sgd, hyper='rate', name='Layca-SGD',
-      stem='layca_rates', title='SGD + Layca at rates', xlabel='Layca rate',
-      default_powers=list(range(1, 6)), quick_powers=[1, 4],
+      __doc__.split('\n')[0], argv, make_tx=lx.layca_sgd, hyper='rate',
+      name='Layca-SGD', stem='layca_rates', title='SGD + Layca at rates',
+      xlabel='Layca rate', default_powers=list(range(1, 6)),
+      quick_powers=[1, 4],
       extra_checks=lambda runs: {
           'every layer keeps its initial norm under Layca':
               _common.norms_held(runs)})

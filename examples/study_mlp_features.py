@@ -52,9 +52,7 @@ def displacement_cosines(low: _common.Run, high: _common.Run,
 
 def plot_features(runs: Sequence[_common.Run], units: np.ndarray,
                   path: Path) -> Path:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _common.pyplot()
   rows = [('init', hidden_kernel(runs[0].init_params), None)] + [
       (run.name, hidden_kernel(run.state.params), unit_rotation(run))
       for run in runs]
@@ -73,10 +71,7 @@ def plot_features(runs: Sequence[_common.Run], units: np.ndarray,
                    else f'cos dist {rotation[u]:.2f}', fontsize=8)
     axes[r, 0].set_ylabel(label, fontsize=8)
   fig.suptitle('Input weights of 5 random hidden units')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _common.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -115,15 +110,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   figures = [plot_features(runs, units, out / 'mlp_features.png'),
              _common.plot_runs(runs, out / 'mlp_features_curves.png',
                                title='1-hidden-layer MLP on the digits')]
-  result = _common.study_result(
-      args, runs, checks, units=units,
+  result = _common.finish_study(
+      args, runs, checks, 'mlp_features', figures, units=units,
       unit_rotation={k: v[units] for k, v in rotation.items()},
       median_unit_rotation={k: float(np.median(v))
                             for k, v in rotation.items()},
       same_unit_move_cosine=float(same.mean()),
       other_unit_move_cosine=float(other.mean()))
-  _common.write_json(out / 'mlp_features.json', result)
-  _common.report(result, out / 'mlp_features.json', figures)
   print(f'mean cosine of the moves: same unit {same.mean():.3f}, '
         f'other unit {other.mean():.3f}')
   return result

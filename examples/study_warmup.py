@@ -77,11 +77,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   figures = [_common.plot_runs(runs, out / 'warmup_curves.png',
                                title=f'High learning rate, with and without '
                                      f'a {args.warmup_epochs}-epoch warm-up')]
-  result = _common.study_result(args, runs, checks,
-                                rotation_at_end_of_warmup=early)
-  _common.write_json(out / 'warmup.json', result)
-  _common.report(result, out / 'warmup.json', figures)
-  return result
+  return _common.finish_study(args, runs, checks, 'warmup', figures,
+                              rotation_at_end_of_warmup=early)
 
 
 if __name__ == '__main__':

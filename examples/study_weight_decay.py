@@ -51,10 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   out = Path(args.out)
   figures = [_common.plot_runs(runs, out / 'weight_decay_curves.png', ncols=2,
                                title='Plain SGD without / with weight decay')]
-  result = _common.study_result(args, runs, checks)
-  _common.write_json(out / 'weight_decay.json', result)
-  _common.report(result, out / 'weight_decay.json', figures)
-  return result
+  return _common.finish_study(args, runs, checks, 'weight_decay', figures)
 
 
 if __name__ == '__main__':
