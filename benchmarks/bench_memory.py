@@ -108,7 +108,6 @@ def reset_peak() -> bool:
 def measure(variant: str, scale: float, steps: int = 2) -> dict:
   """In this (fresh) process: RSS before and peak after a donated step."""
   import jax
-  import jax.numpy as jnp
   import optax
 
   shapes = gpt2_shapes(scale)

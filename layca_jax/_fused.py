@@ -30,6 +30,7 @@ from layca_jax._layers import LayerSpec, PerLeaf, UnitOptions
 
 Rate = Any  # float, scalar array or optax schedule.
 
+
 class FusedLaycaState(NamedTuple):
   """State of a fused Layca optimizer.
 
