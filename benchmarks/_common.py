@@ -9,13 +9,15 @@ median per-step time is reported (the minimum is kept in the JSON too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+import unittest.mock
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -117,6 +119,15 @@ def random_tree(shapes: dict[str, tuple[int, ...]], seed: int,
   return nest(flat)
 
 
+def random_like(tree: Any, seed: int, scale: float = 1.0) -> Any:
+  """A tree like ``tree`` (structure, shapes, dtypes) of N(0, scale^2) arrays."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return treedef.unflatten([
+      (scale * jax.random.normal(k, jnp.shape(x), jnp.float32)).astype(
+          jnp.result_type(x)) for k, x in zip(keys, leaves)])
+
+
 def tree_size(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -200,6 +211,73 @@ def copy_bandwidth(times: Sequence[float], num_bytes: int, steps: int) -> float:
 
 
 # ---------------------------------------------------------------------------
+# The branches a step takes.
+
+
+class Branch(NamedTuple):
+  """One ``lax.cond`` (``index`` 1 is the true branch) or ``lax.switch`` call."""
+
+  site: str   # module.function that called it.
+  kind: str   # 'cond' or 'switch'.
+  index: int
+
+  def __str__(self) -> str:
+    taken = ('true' if self.index else 'false') if self.kind == 'cond' \
+        else str(self.index)
+    return f'{self.site}:{taken}'
+
+
+@contextlib.contextmanager
+def taken_branches(taken: list[Branch], record: bool) -> Iterator[None]:
+  """Within it, ``jax.lax.cond`` and ``jax.lax.switch`` run only one branch.
+
+  Recording (``record=True``), their predicate must be concrete: run the
+  step eagerly, on concrete inputs; each call appends the branch it took to
+  ``taken``. Replaying, each call takes the next branch of ``taken`` (from
+  the same call site, else RuntimeError): tracing under it stages the path
+  the recorded run took and no conditional. With no conditional in the step,
+  ``taken`` stays empty and the path is the whole program.
+  """
+  replay = iter(taken)
+
+  def choose(kind: str, index: Any, count: int) -> int:
+    caller = sys._getframe(2)
+    site = (f"{caller.f_globals.get('__name__', '?').rsplit('.', 1)[-1]}."
+            f'{caller.f_code.co_name}')
+    if record:
+      try:
+        i = min(max(int(index), 0), count - 1)  # lax.switch clamps.
+      except jax.errors.ConcretizationTypeError as e:
+        raise RuntimeError(
+            f'{site}: the {kind} predicate is traced; record the path by '
+            f'running the step eagerly') from e
+      taken.append(Branch(site, kind, i))
+      return i
+    branch = next(replay, None)
+    if branch is None or (branch.site, branch.kind) != (site, kind):
+      raise RuntimeError(f'{kind} at {site} is not the recorded {branch}')
+    return branch.index
+
+  def operands_of(operands, kwargs):
+    return (kwargs['operand'],) if 'operand' in kwargs else operands
+
+  def cond(pred, true_fun, false_fun, *operands, **kwargs):
+    fun = (false_fun, true_fun)[choose('cond', pred, 2)]
+    return fun(*operands_of(operands, kwargs))
+
+  def switch(index, branches, *operands, **kwargs):
+    branches = list(branches)
+    fun = branches[choose('switch', index, len(branches))]
+    return fun(*operands_of(operands, kwargs))
+
+  with unittest.mock.patch.object(jax.lax, 'cond', cond), \
+      unittest.mock.patch.object(jax.lax, 'switch', switch):
+    yield
+  if not record and next(replay, None) is not None:
+    raise RuntimeError('the trace made fewer conditionals than were recorded')
+
+
+# ---------------------------------------------------------------------------
 # Reporting.
 
 
@@ -256,16 +334,24 @@ def default_json_path(name: str) -> Path:
   return RESULTS_DIR / f'{name}_{jax.devices()[0].platform}.json'
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def json_parser(description: str) -> argparse.ArgumentParser:
+  """A parser with the one option every benchmark has, ``--json``."""
   parser = argparse.ArgumentParser(description=description)
+  parser.add_argument('--json', default=None,
+                      help='where to write the JSON (default: benchmarks/results/)')
+  return parser
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+  """:func:`json_parser` plus the timing options (``--full``, ``--steps``,
+  ``--repeats``)."""
+  parser = json_parser(description)
   parser.add_argument('--full', action='store_true',
                       help='full-size shapes (default: scaled down on CPU)')
   parser.add_argument('--steps', type=int, default=None,
                       help='steps inside one jit per timed call')
   parser.add_argument('--repeats', type=int, default=None,
                       help='timed calls per row (median reported)')
-  parser.add_argument('--json', default=None,
-                      help='where to write the JSON (default: benchmarks/results/)')
   return parser
 
 
@@ -273,16 +359,21 @@ def on_cpu() -> bool:
   return jax.devices()[0].platform == 'cpu'
 
 
-def shapes_parser(description: str) -> argparse.ArgumentParser:
-  """:func:`base_parser` plus the model-shape options (``--models``,
-  ``--width-divisor``)."""
-  parser = base_parser(description)
-  parser.add_argument('--models', nargs='+', default=TIMED_MODELS,
+def add_model_options(parser: argparse.ArgumentParser,
+                      default: Sequence[str] = tuple(TIMED_MODELS),
+                      divisor_default: str = '1 with --full or on GPU, 4 on CPU',
+                      ) -> argparse.ArgumentParser:
+  """Adds the model-shape options (``--models``, ``--width-divisor``)."""
+  parser.add_argument('--models', nargs='*', default=list(default),
                       choices=list(MODELS))
   parser.add_argument('--width-divisor', type=int, default=None,
-                      help='divide channel widths (default: 1 with --full or '
-                           'on GPU, 4 on CPU)')
+                      help=f'divide channel widths (default: {divisor_default})')
   return parser
+
+
+def shapes_parser(description: str) -> argparse.ArgumentParser:
+  """:func:`base_parser` plus the model-shape options."""
+  return add_model_options(base_parser(description))
 
 
 class RunSize(NamedTuple):

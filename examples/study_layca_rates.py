@@ -14,20 +14,21 @@ from pathlib import Path
 from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _report  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _study  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import layca_jax as lx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  return _common.rate_sweep(
+  return _study.rate_sweep(
       __doc__.split('\n')[0], argv, make_tx=lx.layca_sgd, hyper='rate',
       name='Layca-SGD', stem='layca_rates', title='SGD + Layca at rates',
       xlabel='Layca rate', default_powers=list(range(1, 6)),
       quick_powers=[1, 4],
       extra_checks=lambda runs: {
           'every layer keeps its initial norm under Layca':
-              _common.norms_held(runs)})
+              _report.norms_held(runs)})
 
 
 if __name__ == '__main__':

@@ -20,7 +20,11 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _data  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _models  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _report  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _study  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import layca_jax as lx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -29,14 +33,14 @@ def hidden_kernel(params) -> np.ndarray:
   return np.asarray(params['Dense_0']['kernel'], np.float64)  # (64, hidden)
 
 
-def unit_rotation(run: _common.Run) -> np.ndarray:
+def unit_rotation(run: _train.Run) -> np.ndarray:
   """Per-hidden-unit cosine distance from init (``per_neuron=True``)."""
   rotation = lx.layer_rotation(run.state.params, run.init_params,
                                per_neuron=True)
   return np.asarray(rotation['Dense_0']['kernel'])
 
 
-def displacement_cosines(low: _common.Run, high: _common.Run,
+def displacement_cosines(low: _train.Run, high: _train.Run,
                          seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Cosine between each unit's move (final - init) at the two rates, for the
   same unit and for a random other unit (the baseline)."""
@@ -50,9 +54,9 @@ def displacement_cosines(low: _common.Run, high: _common.Run,
   return same, np.sum(unit(d_low) * unit(d_high)[:, other], axis=0)
 
 
-def plot_features(runs: Sequence[_common.Run], units: np.ndarray,
+def plot_features(runs: Sequence[_train.Run], units: np.ndarray,
                   path: Path) -> Path:
-  plt = _common.pyplot()
+  plt = _report.pyplot()
   rows = [('init', hidden_kernel(runs[0].init_params), None)] + [
       (run.name, hidden_kernel(run.state.params), unit_rotation(run))
       for run in runs]
@@ -71,26 +75,26 @@ def plot_features(runs: Sequence[_common.Run], units: np.ndarray,
                    else f'cos dist {rotation[u]:.2f}', fontsize=8)
     axes[r, 0].set_ylabel(label, fontsize=8)
   fig.suptitle('Input weights of 5 random hidden units')
-  return _common.save_figure(fig, path)
+  return _report.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  parser = _common.study_parser(__doc__.split('\n')[0], epochs=50,
+  parser = _study.study_parser(__doc__.split('\n')[0], epochs=50,
                                 quick_epochs=3)
   parser.add_argument('--low-rate', type=float, default=3.0 ** -7)
   parser.add_argument('--high-rate', type=float, default=3.0 ** -2)
   parser.add_argument('--hidden', type=int, default=128)
-  args = _common.parse_study_args(parser, argv)
-  data = _common.digits(seed=args.seed)
-  model = _common.MLP(hidden=args.hidden)
+  args = _study.parse_study_args(parser, argv)
+  data = _data.digits(seed=args.seed)
+  model = _models.MLP(hidden=args.hidden)
   total_steps = args.epochs * (data.x.shape[0] // 64)
   factory = optax.inject_hyperparams(
-      lambda rate: lx.layca_sgd(_common.step_decay(rate, total_steps)))
+      lambda rate: lx.layca_sgd(_train.step_decay(rate, total_steps)))
   runs = [
-      _common.train(model, factory(rate=rate), data, epochs=args.epochs,
-                    seed=args.seed, batch_size=64, quiet=args.quiet,
-                    name=f'Layca {_common.rate_label(rate)}',
-                    hyper={'rate': rate}, share_compilation='mlp_features')
+      _train.train(model, factory(rate=rate), data, batch_size=64,
+                   hyper={'rate': rate}, share_compilation='mlp_features',
+                   **_study.run_options(
+                       args, f'Layca {_report.rate_label(rate)}'))
       for rate in (args.low_rate, args.high_rate)]
   low, high = runs
   units = np.sort(np.random.default_rng(args.seed).choice(
@@ -108,9 +112,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   }
   out = Path(args.out)
   figures = [plot_features(runs, units, out / 'mlp_features.png'),
-             _common.plot_runs(runs, out / 'mlp_features_curves.png',
+             _report.plot_runs(runs, out / 'mlp_features_curves.png',
                                title='1-hidden-layer MLP on the digits')]
-  result = _common.finish_study(
+  result = _study.finish_study(
       args, runs, checks, 'mlp_features', figures, units=units,
       unit_rotation={k: v[units] for k, v in rotation.items()},
       median_unit_rotation={k: float(np.median(v))

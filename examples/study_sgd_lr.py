@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _study  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  return _common.rate_sweep(
-      __doc__.split('\n')[0], argv, make_tx=_common.sgd,
+  return _study.rate_sweep(
+      __doc__.split('\n')[0], argv, make_tx=_train.sgd,
       hyper='learning_rate', name='SGD lr', stem='sgd_lr',
       title='Plain SGD at learning rates', xlabel='SGD learning rate',
       default_powers=list(range(5)), quick_powers=[0, 4])

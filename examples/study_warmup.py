@@ -18,13 +18,17 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _data  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _models  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _report  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _study  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import layca_jax as lx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  parser = _common.study_parser(__doc__.split('\n')[0], epochs=30,
+  parser = _study.study_parser(__doc__.split('\n')[0], epochs=30,
                                 quick_epochs=2)
   parser.add_argument('--lr', type=float, default=3.0,
                       help='the high SGD learning rate (default 3)')
@@ -32,31 +36,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       help='linear warm-up length (default 5; 1 with --quick)')
   parser.add_argument('--layca-rate', type=float, default=3.0 ** -1,
                       help='Layca rate, no warm-up (default 3^-1)')
-  args = _common.parse_study_args(parser, argv)
+  args = _study.parse_study_args(parser, argv)
   if args.warmup_epochs is None:
     args.warmup_epochs = 1 if args.quick else 5
-  data = _common.mnist1d(num_samples=1000 if args.quick else 5000)
+  data = _data.mnist1d(num_samples=1000 if args.quick else 5000)
   steps_per_epoch = data.x.shape[0] // 128
   total_steps = args.epochs * steps_per_epoch
   warmup_steps = args.warmup_epochs * steps_per_epoch
   factory = optax.inject_hyperparams(
-      lambda learning_rate, warmup_steps: _common.sgd(
-          _common.step_decay(learning_rate, total_steps, warmup_steps)))
+      lambda learning_rate, warmup_steps: _train.sgd(
+          _train.step_decay(learning_rate, total_steps, warmup_steps)))
   runs = [
-      _common.train(_common.ConvNet(),
-                    factory(learning_rate=args.lr, warmup_steps=w), data,
-                    epochs=args.epochs, seed=args.seed, quiet=args.quiet,
-                    name=f'SGD lr {args.lr:g}, warm-up {w // steps_per_epoch} ep',
-                    hyper={'learning_rate': args.lr, 'warmup_steps': w},
-                    share_compilation='warmup')
+      _train.train(_models.ConvNet(),
+                   factory(learning_rate=args.lr, warmup_steps=w), data,
+                   hyper={'learning_rate': args.lr, 'warmup_steps': w},
+                   share_compilation='warmup', **_study.run_options(
+                       args, f'SGD lr {args.lr:g}, warm-up '
+                             f'{w // steps_per_epoch} ep'))
       for w in (0, warmup_steps)]
   if not args.quick:
-    runs.append(_common.train(
-        _common.ConvNet(),
-        lx.layca_sgd(_common.step_decay(args.layca_rate, total_steps)), data,
-        epochs=args.epochs, seed=args.seed, quiet=args.quiet,
-        name=f'Layca-SGD {_common.rate_label(args.layca_rate)}, no warm-up',
-        hyper={'rate': args.layca_rate, 'warmup_steps': 0}))
+    runs.append(_train.train(
+        _models.ConvNet(),
+        lx.layca_sgd(_train.step_decay(args.layca_rate, total_steps)), data,
+        hyper={'rate': args.layca_rate, 'warmup_steps': 0},
+        **_study.run_options(args, f'Layca-SGD '
+                             f'{_report.rate_label(args.layca_rate)}, '
+                             f'no warm-up')))
   without, with_warmup = runs[:2]
 
   def rotation_at(run, epoch):
@@ -74,10 +79,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     checks['Layca without warm-up does at least as well as SGD with warm-up '
            '(within 1 point)'] = runs[2].test_acc >= with_warmup.test_acc - 0.01
   out = Path(args.out)
-  figures = [_common.plot_runs(runs, out / 'warmup_curves.png',
+  figures = [_report.plot_runs(runs, out / 'warmup_curves.png',
                                title=f'High learning rate, with and without '
                                      f'a {args.warmup_epochs}-epoch warm-up')]
-  return _common.finish_study(args, runs, checks, 'warmup', figures,
+  return _study.finish_study(args, runs, checks, 'warmup', figures,
                               rotation_at_end_of_warmup=early)
 
 

@@ -8,13 +8,18 @@ Layout: :mod:`layca_jax._layers` (which leaves are layers, their units and
 order), :mod:`layca_jax._numerics` (safe float32 reductions),
 :mod:`layca_jax._layca` (the ``layca`` and ``keep_norm`` links),
 :mod:`layca_jax._optimizers` (the paper's optimizers),
-:mod:`layca_jax._rotation` (measurement), :mod:`layca_jax._tracking`
-(in-graph tracking and readers), :mod:`layca_jax._order` (forward order,
-flat metrics), :mod:`layca_jax._history` (host recorder),
-:mod:`layca_jax._plot` (curves and table).
+:mod:`layca_jax._rotation` (measurement),
+:mod:`layca_jax._equilibrium` (rates from weight-decayed recipes),
+:mod:`layca_jax._tracking` (in-graph tracking and readers),
+:mod:`layca_jax._order` (forward order, flat metrics),
+:mod:`layca_jax._history` (host recorder), :mod:`layca_jax._plot` (curves
+and table).
 """
 
+from layca_jax._equilibrium import equilibrium_angle
+from layca_jax._equilibrium import equilibrium_rate
 from layca_jax._history import RotationHistory
+from layca_jax._layca import free_units
 from layca_jax._layca import KeepNormState
 from layca_jax._layca import keep_norm
 from layca_jax._layca import layca
@@ -32,6 +37,7 @@ from layca_jax._order import flatten_rotations
 from layca_jax._order import forward_order
 from layca_jax._plot import plot_layer_rotation_curves
 from layca_jax._plot import rotation_table
+from layca_jax._rotation import copy_params
 from layca_jax._rotation import layer_rotation
 from layca_jax._rotation import step_rotation
 from layca_jax._tracking import rotation_history
@@ -48,8 +54,12 @@ __all__ = (
     'RotationHistory',
     'TrackRotationState',
     'alpha_multipliers',
+    'copy_params',
+    'equilibrium_angle',
+    'equilibrium_rate',
     'flatten_rotations',
     'forward_order',
+    'free_units',
     'keep_norm',
     'layca',
     'layca_adagrad',

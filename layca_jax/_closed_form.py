@@ -14,13 +14,24 @@ with per-unit coefficients:
 * the fused optimizers (steps 1-4 at once), ``d`` the base direction:
   ``K (w / |w| - r t / |t|) - w`` with ``K = n0 / sqrt(1 + r^2)``.
 
-The coefficients come from plain float32 per-unit sums, read in one pass,
-whenever every unit of the tree is in a range where those sums are exact
-enough; otherwise a single ``lax.cond`` over the whole tree computes them the
-careful way (sums of values scaled by exact powers of two, the tangent's norm
-measured on the projected step, the result measured and put back on its
-sphere). Either branch returns only per-unit coefficients, so the elementwise
-pass stays outside the ``cond`` and fuses with what consumes it.
+A unit whose initial norm ``n0`` is zero (a zero-initialised head, a LoRA
+``B`` matrix, a zero-init gate) has no direction to rotate: it is a *free*
+unit, trained by the incoming direction as it is (the ``layca`` link passes
+its step through, ``keep_norm`` leaves it off any sphere, the fused
+optimizers step it by ``-r * d``).
+
+The coefficients come from per-unit sums read in one pass (the fast
+branch). For the tangent step those sums are taken on values scaled by a
+per-unit power of two and centred on a per-unit estimate of ``c`` (both read
+from a small sample of each unit), so that zero steps, dead units, extreme
+scales and steps nearly along the weights (stale momentum) are exact there.
+Only when some unit is still out of reach (non-finite values, a sample that
+misjudged the unit's scale or centre) does a single ``lax.cond`` over the
+whole tree compute the coefficients the careful way (sums of values scaled
+by exact powers of two, the tangent's norm measured on the projected step,
+the result measured and put back on its sphere). Either branch returns only
+per-unit coefficients, so the elementwise pass stays outside the ``cond`` and
+fuses with what consumes it.
 """
 
 from __future__ import annotations
@@ -35,9 +46,18 @@ import jax.numpy as jnp
 from layca_jax import _numerics as nx
 from layca_jax._layers import LayerSpec
 
-# |t|^2 = <d,d> - c <d,w> is trusted only while it keeps at least this
-# fraction of <d,d>: rounding in the sums is then amplified by at most 8x.
+# |t|^2 = <e,e> - <e,w>^2/<w,w> (e the centred step) is trusted only while it
+# keeps at least this fraction of <e,e>: rounding in the sums is then
+# amplified by at most 8x.
 _MIN_TANGENT_FRACTION = 2.0 ** -3
+# Below this tangent fraction in its sample, a unit's step is centred on the
+# sample's estimate of c before it is summed.
+_CENTRE_BELOW = 2.0 ** -2
+# Entries per unit read to estimate its scales and centre.
+_SAMPLE_SIZE = 64
+# Fast-branch scale exponents stay within +-_MAX_EXPONENT (2**e is then a
+# normal float32); units beyond take the careful branch.
+_MAX_EXPONENT = 100
 # A careful coefficient ``b * 2^e`` is applied as ``b1 * (b2 * d)`` with
 # ``b2 = 2^-shift``, ``|shift| <= _MAX_SHIFT``: neither factor leaves the
 # float32 range when ``w`` and ``d`` are ~2^120 apart.
@@ -67,9 +87,18 @@ class Coefficients(NamedTuple):
 def apply_coefficients(coef: Coefficients, w: jax.Array, d: jax.Array,
                        dtype: Any) -> jax.Array:
   """The elementwise pass: the update, zero where the unit does not move."""
-  w32, d32 = nx.upcast(w), nx.upcast(d)
+  acc = coef.beta1.dtype
+  w32, d32 = w.astype(acc), d.astype(acc)
   update = coef.alpha_m1 * w32 + coef.beta1 * (coef.beta2 * d32 - coef.gamma * w32)
   return jnp.where(coef.moves, update, 0.0).astype(dtype)
+
+
+def pass_through(scale: jax.Array, finite: jax.Array,
+                 norm: jax.Array) -> Coefficients:
+  """``scale * d`` (the rule of free units), zero where ``d`` is not finite."""
+  zeros = jnp.zeros_like(scale)
+  return Coefficients(zeros, scale, jnp.ones_like(scale), zeros, finite,
+                      finite, norm)
 
 
 def _split_exponent(value: jax.Array, exponent: jax.Array):
@@ -85,45 +114,126 @@ def _split_exponent(value: jax.Array, exponent: jax.Array):
 
 
 class TangentSums(NamedTuple):
-  """Plain float32 per-unit sums ``<w,w>``, ``<d,w>``, ``<d,d>``."""
+  """Per-unit sums of the fast tangent, read in one pass.
+
+  With ``w_hat = w * 2^-w_exp``, ``d_hat = d * 2^-d_exp`` and the centred
+  step ``e = d_hat - centre * w_hat``: ``ww = <w_hat,w_hat>``,
+  ``ew = <e,w_hat>``, ``ee = <e,e>``. ``w_exp``, ``d_exp`` (int32) and
+  ``centre`` come from a sample of the unit (:func:`sample_estimates`).
+  """
 
   ww: jax.Array
-  dw: jax.Array
-  dd: jax.Array
+  ew: jax.Array
+  ee: jax.Array
+  w_exp: jax.Array
+  d_exp: jax.Array
+  centre: jax.Array
+
+
+def _unit_sample(x: jax.Array, spec: LayerSpec) -> jax.Array:
+  """The first ``_SAMPLE_SIZE`` entries of each unit, along its flattened
+  reduced axes: shaped ``stack + (n,) + outputs`` (``outputs`` is the last
+  axis for per-neuron units, nothing otherwise)."""
+  stack = spec.stack_shape
+  outputs = spec.shape[-1:] if spec.per_neuron else ()
+  reduced = math.prod(spec.shape[a] for a in spec.reduce_axes)
+  rows = x.reshape(stack + (reduced,) + outputs)
+  return jax.lax.slice_in_dim(rows, 0, min(reduced, _SAMPLE_SIZE),
+                              axis=len(stack))
+
+
+def _peak_exponent(peak: jax.Array) -> jax.Array:
+  """Exponent ``e`` with ``peak * 2^-e`` in ``[0.5, 1)`` (0 where zero or not
+  finite), clipped to ``+-_MAX_EXPONENT``."""
+  usable = jnp.isfinite(peak) & (peak > 0)
+  _, e = jnp.frexp(jnp.where(usable, peak, 1.0))
+  return jnp.where(usable, jnp.clip(e, -_MAX_EXPONENT, _MAX_EXPONENT), 0)
+
+
+def sample_estimates(spec: LayerSpec, w: jax.Array, d: jax.Array,
+                     axis_name) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(w_exp, d_exp, centre)`` per unit, from a sample of each unit.
+
+  The exponents bring the sample's largest entries into ``[0.5, 1)``; the
+  centre estimates ``c`` (in those scaled units) when the sample says the
+  step is nearly along the weights, and is 0 otherwise, so that ``<e,e>`` of
+  the centred step keeps the tangent's digits. The estimates only change
+  rounding, never the result in exact arithmetic: a sample that misjudges
+  its unit sends the tree to the careful branch. Shaped like the sample
+  with its sampled axis kept as 1.
+  """
+  ws, ds = _unit_sample(nx.upcast(w), spec), _unit_sample(nx.upcast(d), spec)
+  axis = len(spec.stack_shape)
+
+  def reduce(x, op, collective):
+    r = op(x, axis=axis, keepdims=True)
+    return collective(r, axis_name) if axis_name is not None else r
+
+  w_exp = _peak_exponent(reduce(jnp.abs(ws), jnp.max, jax.lax.pmax))
+  d_exp = _peak_exponent(reduce(jnp.abs(ds), jnp.max, jax.lax.pmax))
+  ws, ds = nx.scale_pow2(ws, -w_exp), nx.scale_pow2(ds, -d_exp)
+  sww = reduce(ws * ws, jnp.sum, jax.lax.psum)
+  sdw = reduce(ds * ws, jnp.sum, jax.lax.psum)
+  sdd = reduce(ds * ds, jnp.sum, jax.lax.psum)
+  usable = (sww > 0) & (sdd > 0) & jnp.isfinite(sww) & jnp.isfinite(sdd)
+  c = sdw / jnp.where(usable, sww, 1.0)
+  parallel = usable & (sdd - c * sdw < _CENTRE_BELOW * sdd)
+  return w_exp, d_exp, jnp.where(parallel, c, 0.0)
 
 
 def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
                  axis_name) -> TangentSums:
-  """The three sums of the fast tangent, shaped ``spec.keepdims_shape``.
+  """The sums of the fast tangent, shaped ``spec.keepdims_shape``.
 
-  Unscaled, in float32 or wider, ``psum``-ed over ``axis_name``. Three plain
-  sums rather than one variadic reduction: XLA:GPU fuses sibling reductions
-  into one kernel, and on XLA:CPU the variadic form gave no consistent gain
+  In float32 or wider, ``psum``-ed over ``axis_name``. Three plain sums
+  rather than one variadic reduction: XLA:GPU fuses sibling reductions into
+  one kernel, and on XLA:CPU the variadic form gave no consistent gain
   (``benchmarks/bench_sum_forms.py``).
   """
-  w32, d32 = nx.upcast(w), nx.upcast(d)
-  return TangentSums(nx.unit_sum(w32 * w32, spec, axis_name),
-                     nx.unit_sum(d32 * w32, spec, axis_name),
-                     nx.unit_sum(d32 * d32, spec, axis_name))
+  w_exp, d_exp, centre = (x.reshape(spec.keepdims_shape) for x in
+                          sample_estimates(spec, w, d, axis_name))
+  one = jnp.ones((), centre.dtype)
+  w_hat = nx.upcast(w) * jnp.ldexp(one, -w_exp)
+  e = nx.upcast(d) * jnp.ldexp(one, -d_exp) - centre * w_hat
+  return TangentSums(nx.unit_sum(w_hat * w_hat, spec, axis_name),
+                     nx.unit_sum(e * w_hat, spec, axis_name),
+                     nx.unit_sum(e * e, spec, axis_name), w_exp, d_exp, centre)
 
 
 def tangent_is_exact(sums: TangentSums) -> jax.Array:
   """Per-unit: whether the fast tangent is exact enough here.
 
-  False for non-finite, tiny (possible underflow), huge, or nearly parallel
-  (cancellation in ``|t|^2``) units, which take the careful branch.
+  True for units of ordinary (scaled) size whose centred step is zero or
+  keeps a tangent part without cancellation; False for non-finite units and
+  for those the sample misjudged, which take the careful branch.
   """
-  ok = nx.in_safe_range(sums.ww) & nx.in_safe_range(sums.dd)
+  ok = nx.in_safe_range(sums.ww) & (nx.in_safe_range(sums.ee)
+                                    | (sums.ee == 0))
   ww = jnp.where(ok, sums.ww, 1.0)
-  tt = sums.dd - (sums.dw / ww) * sums.dw
-  return ok & (tt >= _MIN_TANGENT_FRACTION * sums.dd)
+  tt = sums.ee - (sums.ew / ww) * sums.ew
+  return ok & (tt >= _MIN_TANGENT_FRACTION * sums.ee)
 
 
 class FastTangent(NamedTuple):
-  """``|w| t / |t| = ratio * (d - c * w)``, and ``|w|``, from plain sums."""
+  """``|w_hat| t_hat / |t_hat| = ratio * (beta2 * d - gamma * w - along * w)``.
+
+  ``t_hat = d_hat - c_hat w_hat`` is the tangent of the scaled step. The
+  elementwise pass forms ``beta2 * d - gamma * w`` with ``gamma`` rounded to
+  float; ``along`` is the part of ``w`` that rounding leaves in it, which
+  the coefficients of ``w`` take back out, so the formed step stays
+  orthogonal to the weights however nearly parallel the step is. ``moves``
+  is False where ``t_hat`` is zero (a zero step, or one parallel to the
+  weights to rounding); ``w_norm`` is ``|w|``.
+  """
 
   ratio: jax.Array
-  c: jax.Array
+  beta2: jax.Array
+  gamma: jax.Array
+  along: jax.Array
+  w_scale: jax.Array
+  ww: jax.Array
+  tt: jax.Array
+  moves: jax.Array
   w_norm: jax.Array
 
 
@@ -131,10 +241,21 @@ def fast_tangent(sums: TangentSums) -> FastTangent:
   """The tangent step's coefficients (valid where :func:`tangent_is_exact`)."""
   ok = tangent_is_exact(sums)
   ww = jnp.where(ok, sums.ww, 1.0)
-  c = sums.dw / ww
-  tt = jnp.where(ok, sums.dd - c * sums.dw, 1.0)
-  w_norm = jnp.sqrt(ww)
-  return FastTangent(w_norm * jax.lax.rsqrt(tt), c, w_norm)
+  q = sums.ew / ww
+  tt = sums.ee - q * sums.ew
+  dd = sums.ee + sums.centre * (2.0 * sums.ew + sums.centre * ww)
+  moves = ok & nx.has_tangent(tt, dd)
+  tt = jnp.where(moves, tt, 1.0)
+  c_hat = sums.centre + q
+  one = jnp.ones((), ww.dtype)
+  w_scale = jnp.ldexp(one, sums.w_exp)
+  return FastTangent(
+      ratio=jnp.sqrt(ww) * jax.lax.rsqrt(tt),
+      beta2=jnp.ldexp(one, -sums.d_exp),
+      gamma=jnp.ldexp(c_hat, -sums.w_exp),
+      along=jnp.ldexp(q - (c_hat - sums.centre), -sums.w_exp),
+      w_scale=w_scale, ww=ww, tt=tt, moves=moves,
+      w_norm=w_scale * jnp.sqrt(ww))
 
 
 class CarefulTangent(NamedTuple):
@@ -200,20 +321,34 @@ def _sphere_factor(spec: LayerSpec, x: jax.Array, n0: jax.Array, axis_name):
   return n0 * jax.lax.rsqrt(jnp.where(usable, xx, 1.0)), -ex, usable
 
 
+def _tangent_sums_finite(sums: TangentSums) -> jax.Array:
+  return jnp.isfinite(sums.ww) & jnp.isfinite(sums.ee)
+
+
+def _tangent_free(sums: TangentSums, rate: jax.Array) -> Coefficients:
+  """A free unit: ``rate * d``, zero (and skipped) where not finite."""
+  finite = _tangent_sums_finite(sums)
+  w_norm = jnp.ldexp(jnp.sqrt(jnp.where(finite, sums.ww, jnp.nan)), sums.w_exp)
+  return pass_through(rate, finite, w_norm)
+
+
 # ---------------------------------------------------------------------------
 # The layca link: steps 1-2, times each unit's multiplier.
 
 
-def fast_layca_step(sums: TangentSums, multiplier: jax.Array) -> Coefficients:
-  tangent = fast_tangent(sums)
-  ones = jnp.ones_like(sums.ww, bool)
-  return Coefficients(jnp.zeros_like(tangent.c), multiplier * tangent.ratio,
-                      jnp.ones_like(tangent.c), tangent.c, ones, ones,
-                      tangent.w_norm)
+def fast_layca_step(sums: TangentSums, n0: jax.Array,
+                    multiplier: jax.Array) -> Coefficients:
+  del n0
+  t = fast_tangent(sums)
+  beta1 = multiplier * t.w_scale * t.ratio
+  return Coefficients(-beta1 * t.along, beta1, t.beta2, t.gamma, t.moves,
+                      jnp.ones_like(t.moves), t.w_norm)
 
 
 def careful_layca_step(spec: LayerSpec, w: jax.Array, d: jax.Array,
-                       multiplier: jax.Array, axis_name) -> Coefficients:
+                       n0: jax.Array, multiplier: jax.Array,
+                       axis_name) -> Coefficients:
+  del n0
   t = careful_tangent(spec, w, d, axis_name)
   return Coefficients(jnp.zeros_like(t.ratio),
                       jnp.ldexp(multiplier * t.ratio, t.exponent), t.beta2,
@@ -240,13 +375,14 @@ def sphere_sums(spec: LayerSpec, w: jax.Array, u: jax.Array,
 
 
 def sphere_is_exact(sums: SphereSums) -> jax.Array:
-  """Per-unit: ``|w + u|`` in range, ``u`` zero or in range.
+  """Per-unit: ``|w + u|`` in range and ``u`` finite.
 
-  A ``|u|^2`` of exactly zero with ``|w + u|`` in range means every entry of
-  ``u`` is zero or below ``2^-75`` of it: below float32 resolution of the
-  unit, so treating the unit as not moving loses nothing.
+  ``|u|^2`` only tells a moving unit from one that keeps its weights: one of
+  exactly zero with ``|w + u|`` in range means every entry of ``u`` is zero
+  or below ``2^-63``, below float32 resolution of the unit, so treating the
+  unit as not moving loses nothing.
   """
-  return nx.in_safe_range(sums.xx) & (nx.in_safe_range(sums.uu) | (sums.uu == 0))
+  return nx.in_safe_range(sums.xx) & jnp.isfinite(sums.uu)
 
 
 def fast_back_on_sphere(sums: SphereSums, n0: jax.Array) -> Coefficients:
@@ -272,22 +408,28 @@ def careful_back_on_sphere(spec: LayerSpec, w: jax.Array, u: jax.Array,
                       jnp.ones_like(moves), jnp.full_like(factor, jnp.nan))
 
 
+def _sphere_free(sums: SphereSums, n0: jax.Array) -> Coefficients:
+  """A free unit: its update passes through, dropped where not finite."""
+  finite = jnp.isfinite(sums.uu)
+  return pass_through(jnp.ones_like(n0), finite,
+                      jnp.full_like(n0, jnp.nan))
+
+
 # ---------------------------------------------------------------------------
 # The fused optimizers: steps 1-4 at rate r.
 
 
-def fast_layca_update(sums: TangentSums, rate: jax.Array,
-                      initial_norm: jax.Array) -> Coefficients:
-  tangent = fast_tangent(sums)
-  alpha = initial_norm / jnp.sqrt(1.0 + rate * rate) / tangent.w_norm
-  ones = jnp.ones_like(sums.ww, bool)
-  return Coefficients(alpha - 1.0, -rate * alpha * tangent.ratio,
-                      jnp.ones_like(alpha), tangent.c, ones, ones,
-                      tangent.w_norm)
+def fast_layca_update(sums: TangentSums, n0: jax.Array,
+                      rate: jax.Array) -> Coefficients:
+  t = fast_tangent(sums)
+  k = n0 / jnp.sqrt(1.0 + rate * rate)
+  beta1 = -rate * k * jax.lax.rsqrt(t.tt)
+  return Coefficients(k / t.w_norm - 1.0 - beta1 * t.along, beta1, t.beta2,
+                      t.gamma, t.moves, jnp.ones_like(t.moves), t.w_norm)
 
 
 def careful_layca_update(spec: LayerSpec, w: jax.Array, d: jax.Array,
-                         rate: jax.Array, initial_norm: jax.Array,
+                         n0: jax.Array, rate: jax.Array,
                          axis_name) -> Coefficients:
   """As :func:`layca_jax.layca` then :func:`layca_jax.keep_norm`.
 
@@ -297,18 +439,30 @@ def careful_layca_update(spec: LayerSpec, w: jax.Array, d: jax.Array,
   the step nearly cancel and rounding would move it off.
   """
   t = careful_tangent(spec, w, d, axis_name)
-  alpha = (jnp.ldexp(initial_norm / jnp.sqrt(1.0 + rate * rate), -t.w_scale)
+  alpha = (jnp.ldexp(n0 / jnp.sqrt(1.0 + rate * rate), -t.w_scale)
            * jax.lax.rsqrt(t.ww))
   beta1 = jnp.ldexp(-rate * alpha * t.ratio, t.exponent)
-  w32 = nx.upcast(w)
-  trial = alpha * w32 + beta1 * (t.beta2 * nx.upcast(d) - t.gamma * w32)
-  factor, exponent, usable = _sphere_factor(spec, trial, initial_norm,
-                                            axis_name)
+  w32 = nx.upcast(w).astype(alpha.dtype)
+  trial = alpha * w32 + beta1 * (t.beta2 * nx.upcast(d).astype(alpha.dtype)
+                                 - t.gamma * w32)
+  factor, exponent, usable = _sphere_factor(spec, trial, n0, axis_name)
   rescale = jnp.where(t.moves & usable, jnp.ldexp(factor, exponent), 1.0)
   # No step (zero or parallel to the weights): keep the weights exactly, as
   # keep_norm does after a zero step in the chain of links.
   return Coefficients(alpha * rescale - 1.0, beta1 * rescale, t.beta2, t.gamma,
                       t.moves & (t.ratio > 0), t.finite, t.norm)
+
+
+def _update_free(sums: TangentSums, n0: jax.Array,
+                 rate: jax.Array) -> Coefficients:
+  del n0
+  return _tangent_free(sums, -rate)
+
+
+def _step_free(sums: TangentSums, n0: jax.Array,
+               multiplier: jax.Array) -> Coefficients:
+  del n0
+  return _tangent_free(sums, multiplier)
 
 
 # ---------------------------------------------------------------------------
@@ -318,8 +472,8 @@ def careful_layca_update(spec: LayerSpec, w: jax.Array, d: jax.Array,
 class UnitLayout:
   """Lays per-unit values (``keepdims_shape`` per leaf) end to end, and back.
 
-  The per-unit arithmetic then runs once on all units of the tree instead of
-  as a handful of tiny kernels per leaf.
+  The per-unit arithmetic then runs once on all units of a group of leaves
+  instead of as a handful of tiny kernels per leaf.
   """
 
   def __init__(self, specs: Sequence[LayerSpec]):
@@ -346,66 +500,104 @@ class UnitLayout:
 
 
 class Recipe(NamedTuple):
-  """One kind of update: its sums, when they are exact, and both branches.
+  """One kind of update: its sums, when they are exact, and its branches.
 
-  ``fast(sums, *per_unit)`` works on all units at once (concatenated);
-  ``careful(spec, w, d, *per_unit, axis_name)`` on one leaf.
+  ``fast(sums, n0, *per_unit)`` and ``free(sums, n0, *per_unit)`` work on
+  all units of a group at once (concatenated); ``careful(spec, w, d, n0,
+  *per_unit, axis_name)`` on one leaf. ``free`` gives the coefficients of
+  units whose initial norm ``n0`` is zero.
   """
 
   sums: Callable[..., Any]
   is_exact: Callable[[Any], jax.Array]
   fast: Callable[..., Coefficients]
   careful: Callable[..., Coefficients]
+  free: Callable[..., Coefficients]
 
 
 LAYCA_STEP = Recipe(tangent_sums, tangent_is_exact, fast_layca_step,
-                    careful_layca_step)
+                    careful_layca_step, _step_free)
 BACK_ON_SPHERE = Recipe(sphere_sums, sphere_is_exact, fast_back_on_sphere,
-                        careful_back_on_sphere)
+                        careful_back_on_sphere,
+                        lambda sums, n0: _sphere_free(sums, n0))
 LAYCA_UPDATE = Recipe(tangent_sums, tangent_is_exact, fast_layca_update,
-                      careful_layca_update)
+                      careful_layca_update, _update_free)
 
 
-def use_fast(sums: NamedTuple, is_exact: Callable[[Any], jax.Array]) -> jax.Array:
-  """Whether the fast branch serves the whole tree (all units exact)."""
-  return jnp.all(is_exact(sums))
+def fast_serves(recipe: Recipe, sums: NamedTuple, n0: jax.Array) -> jax.Array:
+  """Per unit: whether the fast branch is exact there (free units always
+  are: their rule does not need the sums to be exact)."""
+  return recipe.is_exact(sums) | (n0 == 0)
+
+
+def use_fast(serves: Sequence[jax.Array]) -> jax.Array:
+  """Whether the fast branch serves the whole tree (every unit)."""
+  return jnp.all(jnp.stack([jnp.all(s) for s in serves]))
+
+
+def _select(where: jax.Array, a: Coefficients, b: Coefficients) -> Coefficients:
+  return Coefficients(*(jnp.where(where, x, y) for x, y in zip(a, b)))
 
 
 def coefficients(recipe: Recipe, specs: Sequence[LayerSpec | None],
                  w_leaves: Sequence[jax.Array], d_leaves: Sequence[jax.Array],
-                 axis_names: Sequence[Any],
+                 axis_names: Sequence[Any], n0s: Sequence[Any],
                  *per_unit: Sequence[Any]) -> list[Coefficients | None]:
   """Per-leaf coefficients of ``recipe`` (None at non-layer leaves).
 
+  Leaves are grouped by accumulation dtype (float32, or the params' own
+  wider dtype), so that each is computed at its own precision and keeps it.
   The fast branch serves every unit if it is exact on every unit; otherwise
-  the careful one does, behind one ``lax.cond`` for the whole tree.
+  the careful one does, behind one ``lax.cond`` for the whole tree. Free
+  units (``n0 == 0``) follow ``recipe.free`` on either branch.
 
   Args:
     recipe: which update.
     specs: per-leaf layer specs (None at non-layer leaves).
     w_leaves, d_leaves: per-leaf weights and incoming arrays.
     axis_names: per-leaf mesh axes (see :class:`layca_jax._layers.UnitOptions`).
+    n0s: per-leaf initial norms, broadcastable to ``keepdims_shape``.
     *per_unit: per-leaf lists of per-unit values broadcastable to each
-      layer's ``keepdims_shape`` (rates, multipliers, initial norms).
+      layer's ``keepdims_shape`` (rates, multipliers).
   """
-  ids = [i for i, spec in enumerate(specs) if spec is not None]
   out: list[Coefficients | None] = [None] * len(specs)
-  if not ids:
+  groups: dict[Any, list[int]] = {}
+  for i, spec in enumerate(specs):
+    if spec is not None:
+      dtype = jnp.promote_types(nx.accumulation_dtype(w_leaves[i].dtype),
+                                nx.accumulation_dtype(d_leaves[i].dtype))
+      groups.setdefault(jnp.dtype(dtype), []).append(i)
+  if not groups:
     return out
-  layout = UnitLayout([specs[i] for i in ids])
-  flat = [layout.concat([values[i] for i in ids]) for values in per_unit]
-  sums = layout.concat_fields([
-      recipe.sums(specs[i], w_leaves[i], d_leaves[i], axis_names[i])
-      for i in ids])
+
+  prepared = []
+  for dtype, ids in groups.items():
+    layout = UnitLayout([specs[i] for i in ids])
+    flat = [layout.concat([jnp.asarray(values[i]).astype(dtype)
+                           for i in ids])
+            for values in (n0s, *per_unit)]
+    sums = layout.concat_fields([
+        recipe.sums(specs[i], w_leaves[i].astype(dtype),
+                    d_leaves[i].astype(dtype), axis_names[i]) for i in ids])
+    prepared.append((ids, layout, flat, sums))
+
+  def fast():
+    return [recipe.fast(sums, *flat) for _, _, flat, sums in prepared]
 
   def careful():
-    rows = zip(ids, *(layout.split(values) for values in flat))
-    return layout.concat_fields([
-        recipe.careful(specs[i], w_leaves[i], d_leaves[i], *extra,
-                       axis_names[i]) for i, *extra in rows])
+    results = []
+    for ids, layout, flat, _ in prepared:
+      rows = zip(ids, *(layout.split(values) for values in flat))
+      results.append(layout.concat_fields([
+          recipe.careful(specs[i], w_leaves[i], d_leaves[i], *extra,
+                         axis_names[i]) for i, *extra in rows]))
+    return results
 
-  chosen = jax.lax.cond(use_fast(sums, recipe.is_exact),
-                        lambda: recipe.fast(sums, *flat), careful)
-  for i, coef in zip(ids, layout.split_fields(chosen)):
-    out[i] = coef
+  serves = [fast_serves(recipe, sums, flat[0])
+            for _, _, flat, sums in prepared]
+  chosen = jax.lax.cond(use_fast(serves), fast, careful)
+  for (ids, layout, flat, sums), coef in zip(prepared, chosen):
+    coef = _select(flat[0] == 0, recipe.free(sums, *flat), coef)
+    for i, leaf_coef in zip(ids, layout.split_fields(coef)):
+      out[i] = leaf_coef
   return out

@@ -24,6 +24,7 @@ import optax
 
 from layca_jax import _closed_form as cf
 from layca_jax import _layca
+from layca_jax import _rotation
 from layca_jax import _numerics as nx
 from layca_jax._layca import LaycaState
 from layca_jax._layers import LayerSpec, PerLeaf, UnitOptions
@@ -58,7 +59,12 @@ def _finite_units(spec: LayerSpec, x: jax.Array, axis_name) -> jax.Array:
 
 
 def _rate_value(rate: Rate, count: jax.Array) -> jax.Array:
-  return jnp.asarray(rate(count) if callable(rate) else rate, jnp.float32)
+  """The rate at ``count``, floating (float32 unless given wider: each layer
+  then takes it in its own accumulation dtype)."""
+  value = jnp.asarray(rate(count) if callable(rate) else rate)
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    value = value.astype(jnp.float32)
+  return value
 
 
 def fused_layca(
@@ -73,7 +79,8 @@ def fused_layca(
   """Algorithm 1 with base direction ``base``, as one transformation.
 
   Equals ``optax.chain(base, layca(), scale_by_learning_rate(rate),
-  keep_norm())`` on layer leaves. Non-layer leaves are frozen (zero update,
+  keep_norm())`` on layer leaves (free units, zero at init, step by
+  ``-rate * d``). Non-layer leaves are frozen (zero update,
   and zero gradients fed to ``base``) when ``non_layer_learning_rate`` is
   None, else follow ``base`` at that rate. A unit whose gradient holds NaN or
   Inf keeps its weights, is counted as skipped, and its gradient is zeroed
@@ -97,7 +104,7 @@ def fused_layca(
 
   def init_fn(params):
     return FusedLaycaState(count=jnp.zeros([], jnp.int32),
-                           base=base.init(params),
+                           base=_rotation.copy_params(base.init(params)),
                            layca=layca_link.init(params))
 
   def update_fn(grads, state, params=None):
@@ -136,12 +143,10 @@ def fused_layca(
 
     rate = _rate_value(learning_rate, state.count)
     mults = _layca.multiplier_values(multipliers, params, specs)
-    n0_leaves = treedef.flatten_up_to(state.layca.initial_norm)
     rates = [rate if m is None else rate * m for m in mults]
-    n0s = [n0 if spec is None else nx.from_units(n0, spec)
-           for n0, spec in zip(n0_leaves, specs)]
-    coefs = cf.coefficients(cf.LAYCA_UPDATE, specs, leaves, d_leaves, axes,
-                            rates, n0s)
+    coefs = cf.coefficients(
+        cf.LAYCA_UPDATE, specs, leaves, d_leaves, axes,
+        _layca.unit_values(state.layca.initial_norm, specs, treedef), rates)
 
     updates = []
     for i, (spec, g, d) in enumerate(zip(specs, grad_leaves, d_leaves)):

@@ -22,6 +22,7 @@ from layca_jax import _closed_form as cf
 from layca_jax import _layers
 from layca_jax import _numerics as nx
 from layca_jax._layers import PerLeaf, PyTree, UnitOptions
+from layca_jax._rotation import copy_params
 
 
 def _unit_norms(params: PyTree, specs, axis_names) -> list[jax.Array | None]:
@@ -30,23 +31,31 @@ def _unit_norms(params: PyTree, specs, axis_names) -> list[jax.Array | None]:
           for spec, x, axis in zip(specs, jax.tree.leaves(params), axis_names)]
 
 
-def _check_nonzero_norms(norms: list[jax.Array | None], specs) -> None:
-  """ValueError naming the layer if a concrete norm is zero or not finite."""
+def _check_finite_norms(norms: list[jax.Array | None], specs) -> None:
+  """ValueError naming the layer if a concrete norm is not finite.
+
+  A zero norm is fine: such units are free (see :func:`free_units`).
+  """
   for spec, norm in zip(specs, norms):
     if spec is None:
       continue
     value = nx.concrete_or_none(norm)
-    if value is None:
+    if value is None or np.all(np.isfinite(value)):
       continue
-    for bad, problem in ((value == 0, 'has zero norm'),
-                         (~np.isfinite(value), 'has a norm that is not finite in float32 (NaN or Inf values, or a norm beyond the float32 range)')):
-      if np.any(bad):
-        where = '' if value.ndim == 0 else (
-            f' at unit indices {np.argwhere(bad)[:5].tolist()}')
-        raise ValueError(
-            f'Layer {spec.path!r} {problem}{where}: such a layer cannot '
-            f'rotate. Initialise it with finite, non-zero values or exclude '
-            f'it with `mask`.')
+    where = '' if value.ndim == 0 else (
+        f' at unit indices {np.argwhere(~np.isfinite(value))[:5].tolist()}')
+    raise ValueError(
+        f'Layer {spec.path!r} has a norm that is not finite in float32 (NaN '
+        f'or Inf values, or a norm beyond the float32 range){where}: such a '
+        f'layer cannot rotate. Initialise it with finite values or exclude '
+        f'it with `mask`.')
+
+
+def initial_norms(params: PyTree, specs, axis_names) -> list[jax.Array | None]:
+  """Per-unit norms at ``init``, checked (see :func:`_check_finite_norms`)."""
+  norms = _unit_norms(params, specs, axis_names)
+  _check_finite_norms(norms, specs)
+  return norms
 
 
 def check_state_fits(params: PyTree, specs, initial_norm: PyTree,
@@ -110,7 +119,8 @@ def check_update_inputs(name: str, updates: PyTree, params: PyTree | None,
 
 def multiplier_values(multipliers: PerLeaf, params: PyTree,
                       specs) -> list[jax.Array | None]:
-  """Per-leaf multipliers shaped ``keepdims_shape`` (None at non-layers).
+  """Per-leaf multipliers shaped ``keepdims_shape`` (None at non-layers),
+  floating (float32 unless given wider).
 
   Concrete values are checked: a negative or NaN multiplier is a ValueError
   naming its leaf.
@@ -132,8 +142,17 @@ def multiplier_values(multipliers: PerLeaf, params: PyTree,
       raise ValueError(
           f'Multiplier for {spec.path!r} must be finite and >= 0, got '
           f'{concrete}.')
-    out.append(nx.from_units(jnp.asarray(m, jnp.float32), spec))
+    m = jnp.asarray(m)
+    if not jnp.issubdtype(m.dtype, jnp.floating):
+      m = m.astype(jnp.float32)
+    out.append(nx.from_units(m, spec))
   return out
+
+
+def unit_values(per_unit: PyTree, specs, treedef) -> list[Any]:
+  """A state's per-unit tree as per-leaf ``keepdims_shape`` arrays."""
+  return [v if spec is None else nx.from_units(v, spec)
+          for v, spec in zip(treedef.flatten_up_to(per_unit), specs)]
 
 
 # ---------------------------------------------------------------------------
@@ -144,7 +163,8 @@ class LaycaState(NamedTuple):
   """State of :func:`layca`.
 
   Attributes:
-    initial_norm: per-unit norms of the params at ``init`` (float32).
+    initial_norm: per-unit norms of the params at ``init`` (float32, or the
+      params' dtype where wider); zero for free units (:func:`free_units`).
     norm: per-unit norms seen at the last ``update``; with
       :func:`norm_drift`, tells whether something holds the norm.
     skipped: per-unit count of steps whose incoming update held a NaN or
@@ -157,9 +177,10 @@ class LaycaState(NamedTuple):
 
 
 def next_state(state: LaycaState, coefs, specs, treedef) -> LaycaState:
-  """The state after a step: norms seen, skipped units counted."""
-  norm = [None if c is None else nx.to_units(c.norm, spec)
-          for c, spec in zip(coefs, specs)]
+  """The state after a step: norms seen, skipped units counted (dtypes kept)."""
+  n0s = treedef.flatten_up_to(state.initial_norm)
+  norm = [None if c is None else nx.to_units(c.norm, spec).astype(n0.dtype)
+          for c, spec, n0 in zip(coefs, specs, n0s)]
   finite = [None if c is None else nx.to_units(c.finite, spec)
             for c, spec in zip(coefs, specs)]
   skipped = jax.tree.map(lambda count, ok: count + (~ok).astype(jnp.int32),
@@ -173,7 +194,7 @@ def layca(
     *,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
-    stack_axes: PerLeaf = 0,
+    stack_axes: PerLeaf = None,
     multipliers: PerLeaf = None,
     axis_name: PerLeaf = None,
 ) -> optax.GradientTransformation:
@@ -185,7 +206,11 @@ def layca(
   rescaled to ``|w|`` (times the unit's multiplier). Scaling it by ``rho``
   turns the layer by ``atan(rho)``; a zero step stays zero. Non-layer leaves
   pass through unchanged. A unit whose step holds NaN or Inf gets a zero step
-  (its weights stay) and the state counts it.
+  (its weights stay) and the state counts it. A unit that is zero at
+  ``init`` (a zero-initialised head, a LoRA ``B``) has no direction to
+  rotate: it is *free*, its step passes through (times its multiplier), so
+  the rest of the chain trains it as the base optimizer would
+  (:func:`free_units`).
 
   Alone this link does not hold the norm (each step grows it by
   ``sqrt(1 + rho^2)``): end the chain with :func:`keep_norm`.
@@ -193,9 +218,9 @@ def layca(
   Inputs are checked, with errors naming the leaf path: ``update`` needs
   ``params``; updates must match them in structure and shape and be floating
   where they are (float32 updates for bfloat16 params are fine); params must
-  still have the layers seen at ``init``, where a layer of zero norm or with
-  NaN/Inf values, a negative, NaN or Inf multiplier and a unit option that
-  does not fit its leaf are errors. An empty pytree is a no-op.
+  still have the layers seen at ``init``, where a layer with NaN/Inf values,
+  a negative, NaN or Inf multiplier and a unit option that does not fit its
+  leaf are errors. An empty pytree is a no-op.
 
   Args:
     {options}
@@ -221,14 +246,13 @@ def layca(
   def init_fn(params):
     specs = options.specs(params)
     multiplier_values(multipliers, params, specs)  # Validates early.
-    norms = _unit_norms(params, specs, options.axis_names(params))
-    _check_nonzero_norms(norms, specs)
+    norms = initial_norms(params, specs, options.axis_names(params))
     treedef = jax.tree.structure(params)
     # zeros_like keeps the norms' shard_map varying-ness, which update's
     # counts have: a lax.scan carrying the state needs both to match.
     skipped = [n if n is None else jnp.zeros_like(n, jnp.int32) for n in norms]
     return LaycaState(initial_norm=treedef.unflatten(norms),
-                      norm=treedef.unflatten(norms),
+                      norm=copy_params(treedef.unflatten(norms)),
                       skipped=treedef.unflatten(skipped))
 
   def update_fn(updates, state, params=None):
@@ -239,7 +263,9 @@ def layca(
     mults = [jnp.ones((), jnp.float32) if m is None else m
              for m in multiplier_values(multipliers, params, specs)]
     coefs = cf.coefficients(cf.LAYCA_STEP, specs, leaves, steps,
-                            options.axis_names(params), mults)
+                            options.axis_names(params),
+                            unit_values(state.initial_norm, specs, treedef),
+                            mults)
     new_updates = [s if c is None else cf.apply_coefficients(c, w, s, s.dtype)
                    for c, w, s in zip(coefs, leaves, steps)]
     return treedef.unflatten(new_updates), next_state(state, coefs, specs,
@@ -263,7 +289,7 @@ def keep_norm(
     *,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
-    stack_axes: PerLeaf = 0,
+    stack_axes: PerLeaf = None,
     axis_name: PerLeaf = None,
 ) -> optax.GradientTransformation:
   """Layca's step 4: land every layer unit back on its initial sphere.
@@ -273,7 +299,8 @@ def keep_norm(
   norm, whatever came before. A unit whose ``params + updates`` is not
   finite (or zero), or whose update is zero, keeps its weights exactly; so
   does one of ordinary scale whose update entries are all below ``2**-63``
-  (below float32 resolution of the unit). Non-layer leaves pass through.
+  (below float32 resolution of the unit). Non-layer leaves pass through, and
+  so do the updates of free units (zero at ``init``: no sphere to keep).
   ``optax.chain(optax.adam(lr), lx.keep_norm())`` is Adam on each layer's
   sphere.
 
@@ -299,8 +326,7 @@ def keep_norm(
 
   def init_fn(params):
     specs = options.specs(params)
-    norms = _unit_norms(params, specs, options.axis_names(params))
-    _check_nonzero_norms(norms, specs)
+    norms = initial_norms(params, specs, options.axis_names(params))
     return KeepNormState(jax.tree.structure(params).unflatten(norms))
 
   def update_fn(updates, state, params=None):
@@ -308,10 +334,9 @@ def keep_norm(
                                 state.initial_norm)
     leaves, treedef = jax.tree.flatten(params)
     steps = treedef.flatten_up_to(updates)
-    n0s = [n0 if spec is None else nx.from_units(n0, spec)
-           for n0, spec in zip(treedef.flatten_up_to(state.initial_norm), specs)]
     coefs = cf.coefficients(cf.BACK_ON_SPHERE, specs, leaves, steps,
-                            options.axis_names(params), n0s)
+                            options.axis_names(params),
+                            unit_values(state.initial_norm, specs, treedef))
     out = [u if c is None else cf.apply_coefficients(c, w, u, u.dtype)
            for c, w, u in zip(coefs, leaves, steps)]
     return treedef.unflatten(out), state
@@ -386,7 +411,8 @@ def norm_drift(state: Any) -> PyTree:
 
   Returns:
     ``|w_t| / |w_0| - 1`` per unit (float32), None at non-layer leaves,
-    where ``w_t`` are the params given to the last ``update``.
+    where ``w_t`` are the params given to the last ``update``; NaN for free
+    units (:func:`free_units`), which have no sphere to drift from.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -401,4 +427,42 @@ def norm_drift(state: Any) -> PyTree:
     0.4142
   """
   s = _the_layca_state(state)
-  return jax.tree.map(lambda n, n0: n / n0 - 1.0, s.norm, s.initial_norm)
+  return jax.tree.map(
+      lambda n, n0: jnp.where(n0 > 0, n / jnp.where(n0 > 0, n0, 1.0) - 1.0,
+                              jnp.nan), s.norm, s.initial_norm)
+
+
+def free_units(state: Any) -> PyTree:
+  """Which units are free: zero at ``init``, so trained without rotation.
+
+  A unit whose weights are all zero at initialisation (a zero-initialised
+  output head, a LoRA ``B`` matrix, an adaLN-zero or ReZero-style gate) has
+  no direction to rotate and no sphere to stay on. Every Layca transform
+  trains it with the incoming direction instead: the ``layca`` link passes
+  its step through (times its multiplier), ``keep_norm`` leaves it alone,
+  and the ready-made optimizers step it by ``-learning_rate * multiplier *
+  d`` (``d`` the base direction: the gradient for plain SGD, Adam's
+  direction for ``layca_adam``). It stays free for the whole run; its
+  :func:`layca_jax.layer_rotation` from init is NaN (undefined).
+
+  Args:
+    state: the state of :func:`layca`, of a chain holding it, or of a Layca
+      optimizer, at any depth.
+
+  Returns:
+    A pytree like the params: bool per unit, None at non-layer leaves.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import layca_jax as lx
+    >>> params = {'head': {'kernel': jnp.zeros((4, 2))}, 'body': {'kernel': jnp.eye(4)}}
+    >>> tx = lx.layca_sgd(0.1)
+    >>> state = tx.init(params)
+    >>> lx.free_units(state)
+    {'body': {'kernel': Array(False, dtype=bool)}, 'head': {'kernel': Array(True, dtype=bool)}}
+    >>> updates, state = tx.update({'head': {'kernel': jnp.ones((4, 2))},
+    ...                             'body': {'kernel': jnp.ones((4, 4))}}, state, params)
+    >>> round(float(updates['head']['kernel'][0, 0]), 6)  # -0.1 * gradient
+    -0.1
+  """
+  return jax.tree.map(lambda n0: n0 == 0, _the_layca_state(state).initial_norm)

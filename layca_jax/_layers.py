@@ -3,9 +3,18 @@
 Every public function of layca-jax that looks at layers goes through
 :func:`layer_specs`, so "what is a layer" has one meaning everywhere:
 
-* By default a layer is a floating-point leaf with at least two dimensions
-  (kernels of dense, conv and embedding layers); biases and normalisation
-  scales are not layers. Integer and boolean leaves are never layers.
+* By default a layer is a real floating-point leaf with at least two
+  dimensions per slice (kernels of dense, ``DenseGeneral``, conv and
+  attention layers, embeddings, LoRA matrices), unless its name says it is
+  a bias or a normalisation parameter: following Flax's parameter names
+  (linen and NNX), a leaf named ``bias`` or ``*_bias``, ``scale`` or
+  ``*_scale``, ``mean`` or ``var`` is never a layer, whatever its rank
+  (attention's 2-D ``query/key/value`` biases, scanned ``LayerNorm``
+  scales). Integer and boolean leaves are never layers; complex leaves are
+  a ``TypeError`` unless a ``mask`` excludes them.
+* A leaf's name is the last key of its path; NNX ``Variable`` wrappers
+  (paths ending in ``.value``) are seen through, so an ``nnx.State`` has
+  the same paths (``'linear/kernel'``) as the equivalent dict.
 * ``mask`` overrides the default: a bool pytree matching the params (or a
   prefix of them), or a callable taking the params and returning one.
 * ``per_neuron=True`` makes each output channel (the last axis, flax's layout)
@@ -23,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Union
 
 import jax
@@ -75,8 +84,23 @@ class LayerSpec(NamedTuple):
                  for a, d in enumerate(self.shape))
 
 
+def _is_variable_value(key: Any) -> bool:
+  """An NNX ``Variable``'s own ``.value`` key (not a dict entry 'value')."""
+  return isinstance(key, jax.tree_util.GetAttrKey) and key.name == 'value'
+
+
 def path_name(path: Sequence[Any]) -> str:
-  """Joins a jax key path into ``'a/b/0/c'``."""
+  """Joins a jax key path into ``'a/b/0/c'``, seeing through NNX variables.
+
+  Example:
+    >>> import jax
+    >>> from layca_jax._layers import path_name
+    >>> path_name((jax.tree_util.DictKey('dense'), jax.tree_util.DictKey('kernel'),
+    ...            jax.tree_util.GetAttrKey('value')))
+    'dense/kernel'
+  """
+  if len(path) > 1 and _is_variable_value(path[-1]):
+    path = path[:-1]
   parts = []
   for key in path:
     for attr in ('key', 'name', 'idx'):
@@ -99,19 +123,65 @@ def natural_key(name: str) -> tuple:
                for t in re.split(r'(\d+)', name))
 
 
+def _key_name(key: Any) -> Any:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return key
+
+
+def _key_names(path: Sequence[Any]) -> tuple[Any, ...]:
+  """A leaf's path as plain names, seeing through NNX variables."""
+  if len(path) > 1 and _is_variable_value(path[-1]):
+    path = path[:-1]
+  return tuple(_key_name(key) for key in path)
+
+
+def _option_by_path(option: Mapping, names: tuple[Any, ...],
+                    is_value: Callable[[Any], bool], used: set) -> Any:
+  """The entry of a nested-dict prefix covering a leaf, None if none does."""
+  node = option
+  for depth, name in enumerate(names):
+    if is_value(node):
+      return node
+    if not isinstance(node, Mapping) or name not in node:
+      return None
+    node = node[name]
+    used.add(names[:depth + 1])
+  return node if is_value(node) else None
+
+
+def _dict_paths(option: Mapping, is_value, prefix=()) -> list[tuple[Any, ...]]:
+  paths = []
+  for key, value in option.items():
+    if isinstance(value, Mapping) and not is_value(value):
+      paths += _dict_paths(value, is_value, prefix + (key,)) or [prefix + (key,)]
+    else:
+      paths.append(prefix + (key,))
+  return paths
+
+
 def broadcast_option(option: PerLeaf, params: PyTree, name: str,
                      is_value: Callable[[Any], bool]) -> list[Any]:
   """Resolves a per-leaf option to a flat list aligned with params' leaves.
 
   Args:
     option: one value for all leaves, a pytree matching (or a prefix of) the
-      params, or a callable of the params returning either.
+      params, or a callable of the params returning either. A nested dict
+      is also matched by path against any params container (a dict, a
+      ``FrozenDict``, an ``nnx.State``): each leaf takes the entry of its
+      longest listed path prefix, and leaves it does not list take ``None``
+      (the option's default), so ``{'blocks': 1}`` is enough.
     params: the parameter pytree.
     name: the option's name, for error messages.
     is_value: tells a single value from a pytree of values.
 
   Returns:
     One value per leaf of ``params``, in flattening order.
+
+  Raises:
+    ValueError: when the option's structure fits neither way, naming the
+      option's paths that match no leaf.
   """
   treedef = jax.tree.structure(params)
   if callable(option) and not is_value(option):
@@ -121,16 +191,28 @@ def broadcast_option(option: PerLeaf, params: PyTree, name: str,
   try:
     return treedef.flatten_up_to(option)
   except (ValueError, TypeError) as e:
-    try:  # A prefix of params: broadcast each entry over its subtree.
-      expanded = jax.tree.map(
-          lambda o, sub: jax.tree.map(lambda _: o, sub), option, params,
-          is_leaf=lambda x: x is None or is_value(x))
-      return treedef.flatten_up_to(expanded)
-    except (ValueError, TypeError):
-      raise ValueError(
-          f'`{name}` must be a single value, a pytree matching the params, '
-          f'or a callable of the params; its structure does not match the '
-          f'params: {e}') from None
+    error = e
+  try:  # A prefix of params: broadcast each entry over its subtree.
+    expanded = jax.tree.map(
+        lambda o, sub: jax.tree.map(lambda _: o, sub), option, params,
+        is_leaf=lambda x: x is None or is_value(x))
+    return treedef.flatten_up_to(expanded)
+  except (ValueError, TypeError):
+    pass
+  if isinstance(option, Mapping):
+    used: set = set()
+    found = [_option_by_path(option, _key_names(path), is_value, used)
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    unknown = [p for p in _dict_paths(option, is_value) if p not in used]
+    if not unknown:
+      return found
+    raise ValueError(
+        f'`{name}` lists paths that match no leaf of the params: '
+        f'{["/".join(map(str, p)) for p in unknown[:5]]}.')
+  raise ValueError(
+      f'`{name}` must be a single value, a pytree matching the params, a '
+      f'nested dict of their paths, or a callable of the params; its '
+      f'structure does not match the params: {error}')
 
 
 def _is_bool(x: Any) -> bool:
@@ -141,7 +223,9 @@ def _is_bool(x: Any) -> bool:
 
 def _is_int(x: Any) -> bool:
   return x is None or (isinstance(x, (int, np.integer))
-                       and not isinstance(x, bool))
+                       and not isinstance(x, bool)) or (
+                           getattr(x, 'shape', None) == ()
+                           and jnp.issubdtype(x.dtype, jnp.integer))
 
 
 def is_floating(leaf: Any) -> bool:
@@ -150,20 +234,55 @@ def is_floating(leaf: Any) -> bool:
   return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
+def _is_complex(leaf: Any) -> bool:
+  dtype = getattr(leaf, 'dtype', None)
+  return dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating)
+
+
+# Flax's names (linen and NNX) for parameters that are never layers.
+_NON_LAYER_NAMES = frozenset({'bias', 'scale', 'mean', 'var'})
+
+
+def is_non_layer_name(name: str) -> bool:
+  """Whether a leaf's name marks a bias or a normalisation parameter.
+
+  Example:
+    >>> from layca_jax._layers import is_non_layer_name
+    >>> [is_non_layer_name(n) for n in ('query/bias', 'ln/scale', 'kernel', 'lora_b')]
+    [True, True, False, False]
+  """
+  leaf = name.rsplit('/', 1)[-1]
+  return (leaf in _NON_LAYER_NAMES or leaf.endswith('_bias')
+          or leaf.endswith('_scale'))
+
+
+def _static_int(value: Any, name: str, path: str) -> int:
+  """``value`` as a Python int, or a TypeError naming the leaf if traced."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f'{name} at {path!r} is a traced value, but it decides array shapes '
+        f'and must be static. optax.inject_hyperparams injects every numeric '
+        f'argument: pass static_args=({name!r},) to it.')
+  return int(value or 0)
+
+
 _OPTION_DOCS = {
     'non_layer_learning_rate': (
         '``None`` (default) freezes non-layer leaves, as in the paper; a '
         'rate (float or schedule) trains them with the base direction.'),
     'mask': (
-        'which leaves are layers: ``None`` for every floating leaf with at '
-        'least two dimensions per slice, else a bool pytree or a callable of '
-        'params. Integer and boolean leaves are never layers.'),
+        'which leaves are layers: ``None`` for the default rule (real '
+        'floating leaves with at least two dimensions per slice, except '
+        'those Flax names ``bias``/``*_bias``, ``scale``/``*_scale``, '
+        '``mean``, ``var``), else a bool pytree (or a prefix) or a callable '
+        'of params. Integer and boolean leaves are never layers.'),
     'per_neuron': (
         'one rotation unit per output channel (last axis) instead of one per '
         'layer.'),
     'stack_axes': (
         'leading axes indexing independent layers (scanned blocks): each '
-        'slice is a layer.'),
+        'slice is a layer. ``None`` or 0 for none; a dict prefix such as '
+        '``{"blocks": 1}`` works for dicts and ``nnx.State`` alike.'),
     'multipliers': (
         'per-unit rate multipliers: a pytree matching params (values at '
         'non-layer leaves ignored) or a callable of params, holding scalars, '
@@ -200,7 +319,7 @@ def layer_specs(
     params: PyTree,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
-    stack_axes: PerLeaf = 0,
+    stack_axes: PerLeaf = None,
 ) -> list[LayerSpec | None]:
   """Decides which leaves of ``params`` are layers and how they split.
 
@@ -231,8 +350,14 @@ def layer_specs(
   for (path, leaf), m, neuron, stack in zip(flat, masks, neurons, stacks):
     name = path_name(path)
     shape = tuple(getattr(leaf, 'shape', ()))
-    stack = int(stack or 0)
+    stack = _static_int(stack, 'stack_axes', name)
     neuron = bool(neuron)
+    if _is_complex(leaf) and (m is None or bool(m)):
+      raise TypeError(
+          f'Params at {name!r} are complex ({leaf.dtype}): layer rotation is '
+          f'defined for real weights. Exclude the leaf with `mask` (it is '
+          f'then a non-layer leaf: frozen by the Layca optimizers unless '
+          f'non_layer_learning_rate is given).')
     if stack < 0:
       raise ValueError(f'stack_axes at {name!r} must be >= 0, got {stack}.')
     if stack > len(shape) and is_floating(leaf) and (m is None or bool(m)):
@@ -241,7 +366,8 @@ def layer_specs(
           f'{shape}: at most {len(shape)} leading axes can index layers. Give '
           f'stack_axes per leaf (a pytree or a prefix of the params).')
     if m is None:
-      is_layer = is_floating(leaf) and len(shape) - stack >= 2
+      is_layer = (is_floating(leaf) and len(shape) - stack >= 2
+                  and not is_non_layer_name(name))
     else:
       is_layer = bool(m) and is_floating(leaf)
     if not is_layer:
@@ -383,7 +509,7 @@ def alpha_multipliers(
     *,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
-    stack_axes: PerLeaf = 0,
+    stack_axes: PerLeaf = None,
 ) -> PyTree:
   """The paper's ``alpha`` family of layer-wise rotation rate multipliers.
 
@@ -441,7 +567,7 @@ class UnitOptions(NamedTuple):
 
   mask: PerLeaf = None
   per_neuron: PerLeaf = False
-  stack_axes: PerLeaf = 0
+  stack_axes: PerLeaf = None
   axis_name: PerLeaf = None
 
   def specs(self, params: PyTree) -> list[LayerSpec | None]:

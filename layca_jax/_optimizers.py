@@ -60,7 +60,7 @@ def layca_sgd(
     non_layer_learning_rate: Rate | None = None,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
-    stack_axes: PerLeaf = 0,
+    stack_axes: PerLeaf = None,
     multipliers: PerLeaf = None,
     axis_name: PerLeaf = None,
 ) -> optax.GradientTransformation:
@@ -95,11 +95,15 @@ def layca_sgd(
     >>> bool(jnp.all(new['bias'] == params['bias']))  # frozen by default
     True
   """
-  base = optax.trace(decay=momentum, nesterov=nesterov) if momentum else (
-      optax.identity())
+  # Decided on the Python value, never on an array's: under
+  # optax.inject_hyperparams momentum arrives as an array (traced in update),
+  # and init and update must build the same base.
+  plain = isinstance(momentum, (int, float)) and momentum == 0 and not nesterov
+  base = optax.identity() if plain else optax.trace(decay=momentum,
+                                                    nesterov=nesterov)
   return _layca_optimizer(base, learning_rate, non_layer_learning_rate, mask,
                           per_neuron, stack_axes, multipliers, axis_name,
-                          base_has_state=bool(momentum))
+                          base_has_state=not plain)
 
 
 @_with_options_doc
@@ -109,11 +113,12 @@ def layca_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    nesterov: bool = False,
     *,
     non_layer_learning_rate: Rate | None = None,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
-    stack_axes: PerLeaf = 0,
+    stack_axes: PerLeaf = None,
     multipliers: PerLeaf = None,
     axis_name: PerLeaf = None,
 ) -> optax.GradientTransformation:
@@ -124,7 +129,8 @@ def layca_adam(
 
   Args:
     learning_rate: the rotation rate ``rho`` (float or optax schedule).
-    b1, b2, eps, eps_root: as in ``optax.scale_by_adam``.
+    b1, b2, eps, eps_root, nesterov: as in ``optax.scale_by_adam`` (optax's
+      defaults; ``nesterov=True`` is NAdam's direction).
     {options}
 
   Returns:
@@ -143,7 +149,8 @@ def layca_adam(
     True
   """
   return _layca_optimizer(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                          nesterov=nesterov),
       learning_rate, non_layer_learning_rate, mask, per_neuron, stack_axes,
       multipliers, axis_name)
 
@@ -153,11 +160,14 @@ def layca_rmsprop(
     learning_rate: Rate,
     decay: float = 0.9,
     eps: float = 1e-8,
+    initial_scale: float = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
     *,
     non_layer_learning_rate: Rate | None = None,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
-    stack_axes: PerLeaf = 0,
+    stack_axes: PerLeaf = None,
     multipliers: PerLeaf = None,
     axis_name: PerLeaf = None,
 ) -> optax.GradientTransformation:
@@ -165,7 +175,9 @@ def layca_rmsprop(
 
   Args:
     learning_rate: the rotation rate ``rho`` (float or optax schedule).
-    decay, eps: as in ``optax.scale_by_rms`` (optax's defaults).
+    decay, eps, initial_scale, eps_in_sqrt, bias_correction: as in
+      ``optax.scale_by_rms`` (optax's defaults; Keras puts ``eps`` outside
+      the root: ``eps_in_sqrt=False``).
     {options}
 
   Returns:
@@ -183,7 +195,9 @@ def layca_rmsprop(
     0.09967
   """
   return _layca_optimizer(
-      optax.scale_by_rms(decay=decay, eps=eps), learning_rate,
+      optax.scale_by_rms(decay=decay, eps=eps, initial_scale=initial_scale,
+                         eps_in_sqrt=eps_in_sqrt,
+                         bias_correction=bias_correction), learning_rate,
       non_layer_learning_rate, mask, per_neuron, stack_axes, multipliers,
       axis_name)
 
@@ -197,7 +211,7 @@ def layca_adagrad(
     non_layer_learning_rate: Rate | None = None,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
-    stack_axes: PerLeaf = 0,
+    stack_axes: PerLeaf = None,
     multipliers: PerLeaf = None,
     axis_name: PerLeaf = None,
 ) -> optax.GradientTransformation:
@@ -205,7 +219,8 @@ def layca_adagrad(
 
   Args:
     learning_rate: the rotation rate ``rho`` (float or optax schedule).
-    initial_accumulator_value, eps: as in ``optax.scale_by_rss``.
+    initial_accumulator_value, eps: as in ``optax.scale_by_rss`` (Keras
+      starts the accumulator at 0: ``initial_accumulator_value=0.0``).
     {options}
 
   Returns:

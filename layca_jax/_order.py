@@ -79,7 +79,7 @@ def forward_order(
     *inputs: Any,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
-    stack_axes: PerLeaf = 0,
+    stack_axes: PerLeaf = None,
     **kwargs: Any,
 ) -> list[str]:
   """Layer paths in the order the model's computation first uses each one.

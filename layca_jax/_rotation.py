@@ -128,8 +128,52 @@ def _chords(specs, a_leaves, b_leaves, axis_names) -> list[jax.Array | None]:
           if s is not None else None for s in specs]
 
 
+def copy_params(params: PyTree) -> PyTree:
+  """The params' values in fresh buffers: a snapshot nothing else changes.
+
+  Keep the initial params with it. An ``nnx.State`` (``nnx.state(model,
+  nnx.Param)``) holds the model's own variables, which ``nnx.Optimizer``
+  updates in place: kept as it is, the "initial" params follow the model
+  and every rotation reads 0. Arrays of a functional (linen) loop are never
+  changed in place, but a copy is also what a donated step needs.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import layca_jax as lx
+    >>> from flax import nnx
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> init_params = lx.copy_params(nnx.state(model, nnx.Param))
+    >>> model.kernel[...] = jnp.eye(3, 2)       # what an optimizer step does
+    >>> r = lx.layer_rotation(nnx.state(model, nnx.Param), init_params)
+    >>> lx.flatten_rotations(r)['kernel'] > 0   # 'kernel', not 'kernel/value'
+    True
+  """
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+
+
+def _variables(tree: PyTree) -> list[int]:
+  """ids of the NNX ``Variable`` objects a tree holds ([] for other trees)."""
+  if not type(tree).__module__.startswith('flax.nnx'):
+    return []
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return [id(v) for v in jax.tree.leaves(
+      tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+          if isinstance(v, nnx.Variable)]
+
+
+def _check_not_live(params: PyTree, reference: PyTree, what: str) -> None:
+  """ValueError when ``reference`` holds the very variables of ``params``."""
+  ours = _variables(params)
+  if ours and ours == _variables(reference):
+    raise ValueError(
+        f'{what} holds the same NNX variables as the params: they change with '
+        f'the model, so the rotation would always read 0. Snapshot them once '
+        f'at init with `lx.copy_params(nnx.state(model, nnx.Param))`.')
+
+
 def _per_unit(measure, params: PyTree, reference: PyTree, what: str,
               options: UnitOptions) -> PyTree:
+  _check_not_live(params, reference, what)
   _layers.check_updates(params, reference, what)
   specs = options.specs(params)
   leaves, treedef = jax.tree.flatten(params)
@@ -153,7 +197,7 @@ def layer_rotation(
     *,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
-    stack_axes: PerLeaf = 0,
+    stack_axes: PerLeaf = None,
     axis_name: PerLeaf = None,
 ) -> PyTree:
   """Each layer's rotation: cosine distance between its weights and init.
@@ -206,7 +250,7 @@ def step_rotation(
     *,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
-    stack_axes: PerLeaf = 0,
+    stack_axes: PerLeaf = None,
     axis_name: PerLeaf = None,
 ) -> PyTree:
   """The angle, in radians, each layer turned between two sets of params.

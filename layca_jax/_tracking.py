@@ -54,7 +54,7 @@ def track_rotation(
     history: int | None = None,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
-    stack_axes: PerLeaf = 0,
+    stack_axes: PerLeaf = None,
     axis_name: PerLeaf = None,
 ) -> optax.GradientTransformation:
   """Records each layer's rotation since init inside the optimizer state.
@@ -107,13 +107,16 @@ def track_rotation(
     return _rotation.layer_rotation(params, init_params, **options._asdict())
 
   def init_fn(params):
-    rotation = jax.tree.map(jnp.zeros_like, measure(params, params))
+    # A copy: the state must not share the caller's buffers (donation), nor
+    # follow params that are updated in place (an nnx model's state).
+    init_params = _rotation.copy_params(params)
+    rotation = jax.tree.map(jnp.zeros_like, measure(init_params, params))
     if history is None:
-      return TrackRotationState(jnp.zeros([], jnp.int32), params, rotation,
-                                None, None, None)
+      return TrackRotationState(jnp.zeros([], jnp.int32), init_params,
+                                rotation, None, None, None)
     buffer = jax.tree.map(
         lambda r: jnp.zeros((history,) + r.shape, r.dtype), rotation)
-    return TrackRotationState(jnp.zeros([], jnp.int32), params, rotation,
+    return TrackRotationState(jnp.zeros([], jnp.int32), init_params, rotation,
                               buffer, jnp.full((history,), -1, jnp.int32),
                               jnp.zeros([], jnp.int32))
 

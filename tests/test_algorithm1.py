@@ -128,7 +128,8 @@ def test_units_equal_algorithm1_per_unit(stack_axes, per_neuron):
                     per_neuron=per_neuron)
   got, _ = _run_optax(tx, params, grads)
   flat = flat_paths(params)
-  is_layer = lambda k: flat[k].ndim - stack_axes >= 2  # The default rule.
+  # The default rule: rank >= 2 per slice, and a bias is never a layer.
+  is_layer = lambda k: flat[k].ndim - stack_axes >= 2 and not k.endswith('bias')
   want = ref.layca_run(flat, grads, 0.2, ref.sgd_direction(0.5), is_layer,
                        stack_axes=stack_axes, per_neuron=per_neuron)
   _assert_close_to_reference(got, want)

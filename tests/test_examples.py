@@ -3,9 +3,10 @@
 Each script runs in a subprocess with a temporary output folder; the tests
 read its JSON and PNG outputs and check the properties the script states:
 rotations are cosine distances in [0, 2] starting at 0, Layca holds every
-layer's norm, larger rates rotate further, a resumed quickstart ends
-bit-identical to an uninterrupted one, and the notebook trains
-data-parallel over 8 (virtual CPU) devices.
+layer's norm, larger rates rotate further, the quickstart's printed summary
+is the one its numbers give, a study resumed from its checkpoints ends
+bit-identical to an uninterrupted one, and the notebook trains data-parallel
+over 8 (virtual CPU) devices.
 
 The subprocesses share a persistent XLA compilation cache, so programs
 compiled by one script are not compiled again by the next.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / 'examples'
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+LAYERS = ['Conv_0/kernel', 'Conv_1/kernel', 'Conv_2/kernel', 'Dense_0/kernel']
 
 
 @pytest.fixture(scope='module')
@@ -56,19 +59,23 @@ def check_png(path: Path) -> None:
   assert path.stat().st_size > 5000, f'{path} looks empty'
 
 
-def check_run(run: dict) -> None:
-  """What holds for every run: accuracies, rotations, curves."""
-  assert 0.0 <= run['test_acc'] <= 1.0
-  assert all(np.isfinite(run['train_loss_per_epoch']))
-  epochs = np.asarray(run['curve_epochs'])
-  assert epochs[0] == 0 and np.all(np.diff(epochs) > 0)
-  assert epochs[-1] == len(run['test_acc_per_epoch'])
+def check_curves(run: dict, epochs: int) -> None:
+  """Rotation curves: from 0 at init to the end of training, in [0, 2]."""
+  x = np.asarray(run['curve_epochs'])
+  assert x[0] == 0 and np.all(np.diff(x) > 0) and x[-1] == epochs
   for path, curve in run['curves'].items():
     curve = np.asarray(curve)
-    assert curve.shape == epochs.shape, path
+    assert curve.shape == x.shape, path
     assert curve[0] == 0.0, f'{path}: rotation at initialisation must be 0'
     assert np.all((curve >= 0) & (curve <= 2)), path
     assert run['final_rotation'][path] == curve[-1]
+
+
+def check_run(run: dict) -> None:
+  """What holds for every study run: accuracies, losses, curves."""
+  assert 0.0 <= run['test_acc'] <= 1.0
+  assert all(np.isfinite(run['train_loss_per_epoch']))
+  check_curves(run, len(run['test_acc_per_epoch']))
 
 
 def load(path: Path) -> dict:
@@ -91,54 +98,54 @@ def comparable(run: dict) -> dict:
 # Quickstart.
 
 
-def test_quickstart_and_resume_bit_identical(tmp_path, jax_cache):
-  whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
-  printed = run_script('quickstart.py', whole, jax_cache, '--quick').stdout
-  result = load(whole / 'quickstart.json')
-  check_png(whole / 'layer_rotation_curves.png')
-  sgd, layca = result['runs']
-  assert list(sgd['curves']) == [
-      'Conv_0/kernel', 'Conv_1/kernel', 'Conv_2/kernel', 'Dense_0/kernel']
-  assert norms_held(layca) and not norms_held(sgd)
+def test_quickstart(tmp_path, jax_cache):
+  printed = run_script('quickstart.py', tmp_path, jax_cache, '--quick').stdout
+  result = json.loads((tmp_path / 'quickstart.json').read_text())
+  check_png(tmp_path / 'layer_rotation_curves.png')
+  assert result['epochs'] == 2
+  runs = result['runs']
+  untuned, tuned, layca = runs.values()
+  assert list(runs) == ['SGD, lr 3^-3 (untuned)', 'SGD, lr 3^-1 (tuned)',
+                        'Layca-SGD, rate 3^-2']
+  for run in runs.values():
+    assert list(run['curves']) == LAYERS  # forward order
+    assert 0.0 <= run['test_acc'] <= 1.0
+    check_curves(run, 2)
+  assert norms_held(layca) and not norms_held(tuned)
+  # The larger SGD rate turns every layer further; Layca (rate 3^-2 on
+  # every layer) turns each one further than the untuned SGD turns any.
+  assert all(tuned['final_rotation'][k] > untuned['final_rotation'][k]
+             for k in LAYERS)
   assert min(layca['final_rotation'].values()) > max(
-      sgd['final_rotation'].values())
-  assert 'cosine distance' in printed and 'angle (deg)' in printed
-  assert printed.count('test accuracy') == 2
-
-  # Interrupted after 1 of 2 epochs, then resumed from the orbax checkpoint.
-  run_script('quickstart.py', resumed, jax_cache, '--quick', '--stop-after',
-             '1')
-  partial = load(resumed / 'quickstart.json')
-  assert [len(r['test_acc_per_epoch']) for r in partial['runs']] == [1, 1]
-  assert sorted(p.name for p in (resumed / 'checkpoints' / 'SGD').iterdir()
-                ) == ['1']
-  run_script('quickstart.py', resumed, jax_cache, '--quick', '--resume')
-  again = load(resumed / 'quickstart.json')
-  for a, b in zip(result['runs'], again['runs']):
-    assert comparable(a) == comparable(b)  # params hash, curves, losses
-
-
-def test_quickstart_without_resume_starts_afresh(tmp_path, jax_cache):
-  out = tmp_path / 'out'
-  run_script('quickstart.py', out, jax_cache, '--quick', '--stop-after', '1',
-             '--epochs', '2')
-  first = load(out / 'quickstart.json')
-  run_script('quickstart.py', out, jax_cache, '--quick', '--stop-after', '1',
-             '--epochs', '2')
-  second = load(out / 'quickstart.json')
-  assert [comparable(r) for r in first['runs']] == [
-      comparable(r) for r in second['runs']]
+      untuned['final_rotation'].values())
+  # One rotation table per run, then a summary whose numbers are the run's.
+  assert printed.count('cosine distance  angle (deg)') == 3
+  for name, run in runs.items():
+    row = re.search(re.escape(name) + r' +([\d. %]+)\n', printed).group(1)
+    *rotation, mean, accuracy = row.split()
+    assert [float(v) for v in rotation] == pytest.approx(
+        list(run['final_rotation'].values()), abs=5e-4)
+    assert float(mean) == pytest.approx(
+        np.mean(list(run['final_rotation'].values())), abs=5e-4)
+    assert accuracy == f"{run['test_acc']:.1%}"
+  for a, b in [(tuned, untuned), (layca, tuned)]:
+    gap = f"{100 * (a['test_acc'] - b['test_acc']):+.1f} points"
+    further = sum(a['final_rotation'][k] > b['final_rotation'][k]
+                  for k in LAYERS)
+    assert f'{gap} of test accuracy' in printed
+    assert f'{further} of 4 layers turned further' in printed
 
 
 # ---------------------------------------------------------------------------
 # The studies.
 
 
-def test_study_layca_rates(tmp_path, jax_cache):
-  run_script('study_layca_rates.py', tmp_path, jax_cache, '--quick')
-  result = load(tmp_path / 'layca_rates.json')
-  check_png(tmp_path / 'layca_rates_curves.png')
-  check_png(tmp_path / 'layca_rates_accuracy.png')
+def test_study_layca_rates_and_resume(tmp_path, jax_cache):
+  whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
+  run_script('study_layca_rates.py', whole, jax_cache, '--quick')
+  result = load(whole / 'layca_rates.json')
+  check_png(whole / 'layca_rates_curves.png')
+  check_png(whole / 'layca_rates_accuracy.png')
   assert [r['rate'] for r in result['runs']] == [3.0 ** -1, 3.0 ** -4]
   assert all(norms_held(r) for r in result['runs'])
   fast, slow = result['runs']
@@ -146,6 +153,30 @@ def test_study_layca_rates(tmp_path, jax_cache):
   assert min(fast['final_rotation'].values()) > max(
       slow['final_rotation'].values())
   assert result['checks']['the final layer rotation grows with the Layca rate']
+
+  # Interrupted after 1 of 2 epochs, then resumed from the orbax checkpoints:
+  # params (SHA-256), curves, losses and accuracies as in the whole run.
+  checkpoints = resumed / 'checkpoints'
+  saved = lambda: {d.name: sorted(p.name for p in d.iterdir())
+                   for d in checkpoints.iterdir()}
+  interrupt = ('--quick', '--checkpoints', '--stop-after', '1')
+  run_script('study_layca_rates.py', resumed, jax_cache, *interrupt)
+  partial = load(resumed / 'layca_rates.json')
+  assert [len(r['test_acc_per_epoch']) for r in partial['runs']] == [1, 1]
+  assert saved() == {'Layca-SGD_3_-1': ['1'], 'Layca-SGD_3_-4': ['1']}
+  printed = run_script('study_layca_rates.py', resumed, jax_cache, '--quick',
+                       '--resume').stdout
+  for name in ('Layca-SGD 3^-1', 'Layca-SGD 3^-4'):
+    assert f'{name}: resumed from the checkpoint of epoch 1' in printed
+  again = load(resumed / 'layca_rates.json')
+  assert [comparable(r) for r in again['runs']] == [
+      comparable(r) for r in result['runs']]
+  assert set(map(tuple, saved().values())) == {('1', '2')}
+  # Without --resume a run starts afresh: the epoch-2 checkpoints go.
+  run_script('study_layca_rates.py', resumed, jax_cache, *interrupt)
+  assert [comparable(r) for r in load(resumed / 'layca_rates.json')['runs']
+          ] == [comparable(r) for r in partial['runs']]
+  assert set(map(tuple, saved().values())) == {('1',)}
 
 
 def test_study_sgd_lr(tmp_path, jax_cache):

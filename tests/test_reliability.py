@@ -212,18 +212,25 @@ def test_track_rotation_without_params_says_so(params):
 
 
 @pytest.mark.parametrize('name', TRANSFORMS)
-def test_a_zero_norm_layer_at_init_names_the_path(name, params):
+def test_a_zero_layer_at_init_is_free_not_an_error(name, params):
+  """Zero at init: no direction to rotate, so a free unit (trained by the
+  incoming direction), the same eagerly and under jit (tests/test_models.py
+  states the rule itself)."""
   params['Conv_1']['kernel'] = jnp.zeros_like(params['Conv_1']['kernel'])
-  with pytest.raises(ValueError, match="'Conv_1/kernel' has zero norm"):
-    TX[name].init(params)
+  eager, jitted = TX[name].init(params), jax.jit(TX[name].init)(params)
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    np.testing.assert_array_equal(a, b)
+  if name != 'keep_norm':
+    assert bool(lx.free_units(eager)['Conv_1']['kernel'])
+    assert not bool(lx.free_units(eager)['Conv_0']['kernel'])
 
 
-def test_a_zero_neuron_at_init_names_the_path_and_unit(params):
+def test_a_zero_neuron_at_init_is_a_free_unit(params):
   params['Dense_0']['kernel'] = params['Dense_0']['kernel'].at[:, 7].set(0.0)
-  with pytest.raises(ValueError, match=r"'Dense_0/kernel' has zero norm at "
-                     r"unit indices \[\[7\]\]"):
-    lx.layca_sgd(RATE, per_neuron=True).init(params)
-  lx.layca_sgd(RATE).init(params)  # As one unit the layer can rotate.
+  free = lx.free_units(lx.layca_sgd(RATE, per_neuron=True).init(params))
+  assert np.flatnonzero(free['Dense_0']['kernel']).tolist() == [7]
+  # As one unit the layer has a direction and rotates.
+  assert not bool(lx.free_units(lx.layca_sgd(RATE).init(params))['Dense_0']['kernel'])
 
 
 @pytest.mark.parametrize('bad', [np.nan, np.inf])
