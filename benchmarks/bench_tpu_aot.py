@@ -8,18 +8,21 @@ attached: nothing runs on a TPU. The step is ``params, state, grads ->
 apply_updates(params, tx.update(grads, state, params))`` with params and
 state donated. Reported per row, from the compiled program:
 
-* ``bytes accessed`` of XLA's cost analysis, and the number of fusions
-  (``fusion`` instructions outside fusion bodies: the entry computation,
-  and both branches of a conditional where there is one);
+* ``bytes accessed`` of XLA's cost analysis (``_MB``; ``_x_params``: over
+  the bytes of the params), the number of fusions (``fusion`` instructions
+  outside fusion bodies: the entry computation, and both branches of a
+  conditional where there is one) and of copies (``copy-start`` / ``copy``:
+  the moves between HBM and on-chip memory that XLA:TPU adds, which its
+  count of bytes includes);
 * for the whole program, and for the path taken at a well-conditioned state:
   the step is first run on the host with the benchmark's inputs, recording
   which branch each ``lax.cond`` / ``lax.switch`` took, then traced again
   with each of those calls replaced by the branch it took
-  (``_common.taken_branches``). XLA counts a ``lax.cond`` as its most expensive
-  branch plus its operands again (the ``toy`` record of the JSON), so the
-  whole program's bytes are an upper bound, not the cost of a step;
+  (``_common.taken_branches``). XLA counts a ``lax.cond`` as its most
+  expensive branch plus its operands again (the ``toy`` record of the JSON),
+  so the whole program's bytes are an upper bound, not the cost of a step;
 * ratios to ``optax.sgd`` and to the matching optax base, and the bytes
-  above the base in units of one read of the params (``extra_passes``).
+  above the base in reads of the params (``extra_x_params``).
 
 Inputs are the random params and gradients of ``bench_update.py``
 (well-conditioned: every Layca unit takes the fast branch). The
@@ -289,7 +292,8 @@ def bench_model(model: str, divisor: int, names: list[str],
                                 sharding, donate=(0, 1), patch=patch)
     except bench_update.AblationUnavailable as e:
       print(f'  skipped {model} {name}: {e}', flush=True)
-      skipped.append({'model': model, 'optimizer': name, 'skipped': str(e)})
+      skipped.append({'model': model, 'optimizer': name,
+                      'path': f'skipped: {e}'})
       continue
     out.append({'model': model, 'optimizer': name, 'base': row.base,
                 **measured, 'param_bytes': param_bytes,

@@ -475,7 +475,7 @@ def main() -> None:
         f'per call ({info["device"]})')
   common.report('bench_update', rows,
                 ['model', 'optimizer', 'ms', 'min_ms', 'vs_sgd', 'vs_sgd_min',
-                 'vs_base', 'vs_base_min', 'roof_%'],
+                 'vs_base', 'vs_base_min', 'roof_%', 'skipped'],
                 'Update step, device-side', args, info, steps=steps,
                 repeats=repeats, warm_rows=warm_rows, warm_steps=warm_steps)
 

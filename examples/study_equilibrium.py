@@ -8,7 +8,16 @@ the weight norms to settle (the relaxation time ``1 / (2 lr wd)`` steps for
 AdamW and Lion, ``(1 - m) / (4 lr wd)`` for SGD, is at most a tenth of the
 run); the per-step angle of every layer, ``lx.step_rotation(before, after)``
 measured in the jitted step, is averaged over the last third of training and
-set against the prediction of Kosson et al. (arXiv 2305.17212).
+set against the prediction of Kosson et al. (arXiv 2305.17212). Gaussian
+noise on the inputs keeps the gradients noisy (without it the MLP fits the
+digits and its gradients vanish, and no equilibrium is reached).
+
+A diagnostic of the formulas' random-walk assumption, per layer: the cosine
+between the optimizer's direction (the update without its decay) and the
+weights. In the random walk it is ``-angle * memory`` (``Recipe.memory``:
+the direction's summed correlation with its past values, from momentum); a
+markedly more negative value means successive directions keep pushing the
+weights outward together, which inflates the norm and shrinks the angle.
 
     python examples/study_equilibrium.py --out runs/equilibrium
 """
@@ -65,6 +74,28 @@ class Recipe(NamedTuple):
     return lx.equilibrium_angle(self.optimizer, self.learning_rate,
                                 self.weight_decay, **self.hyper)
 
+  def memory(self) -> float:
+    """``sum_k rho_k``: the summed correlation of a direction with the
+    directions ``k = 1, 2, ...`` steps before it, for uncorrelated gradients.
+
+    In the random walk the formulas assume, the direction ``u_t`` meets the
+    weights (which hold ``-lr * u_{t-k}`` for all past ``k``) at the cosine
+    ``<u_t, w_t> / (|u_t| |w_t|) = -angle * memory``. Momentum ``m`` (SGD)
+    or ``b1`` (AdamW): ``rho_k = m ** k``; Lion: ``sign`` of Gaussian
+    momenta, ``rho_k = 2 / pi * asin(corr_k)`` (the arcsine law).
+    """
+    if self.optimizer == 'sgd':
+      return self.hyper['momentum'] / (1 - self.hyper['momentum'])
+    b1 = self.hyper.get('b1', 0.9)
+    if self.optimizer == 'adamw':
+      return b1 / (1 - b1)
+    b2 = self.hyper.get('b2', 0.99)
+    lags = np.arange(1, 20000)
+    weights = np.concatenate([[1 - b1], b1 * (1 - b2) * b2 ** (lags - 1)])
+    corr = np.asarray([weights[:-k] @ weights[k:] for k in lags[:5000]]) / (
+        weights @ weights)
+    return float(np.sum(2 / np.pi * np.arcsin(corr)))
+
   def relaxation_steps(self) -> float:
     """Time constant of the norm's approach to equilibrium, in steps."""
     rate = self.learning_rate * self.weight_decay
@@ -115,13 +146,31 @@ def layer_paths(params: Any) -> list[str]:
   return list(lx.flatten_rotations(rotations))
 
 
+def at_paths(tree: Any, paths: Sequence[str]) -> list[Any]:
+  """The leaves of a nested-dict ``tree`` at '/'-joined ``paths``."""
+  values = []
+  for path in paths:
+    node = tree
+    for key in path.split('/'):
+      node = node[key]
+    values.append(node)
+  return values
+
+
 def make_train(model: MLP, recipe_optimizer: str, x: np.ndarray,
-               y: np.ndarray, *, steps: int, batch: int, record_every: int,
-               noise: float):
+               y: np.ndarray, paths: Sequence[str], *, steps: int, batch: int,
+               record_every: int, noise: float):
   """A jitted function of (learning_rate, weight_decay, hyper, seeds) that
-  trains one MLP per seed (vmapped) for ``steps`` steps in a ``lax.scan``
-  and returns each layer's per-step angle (whole layer, and the RMS over
-  its output neurons), each layer's norm, and the tracked rotation history.
+  trains one MLP per seed (vmapped) for ``steps`` steps in a ``lax.scan``.
+
+  Every step draws a batch, adds Gaussian noise of std ``noise`` to its
+  inputs (so that the gradients stay noisy: without it the MLP fits the
+  digits and its gradients vanish), and records per layer (``paths``): the
+  angle it turned (``lx.step_rotation``, whole layer), the RMS over output
+  neurons of their angles, its norm, and the cosine between the optimizer's
+  direction (the update without its decay) and the weights. Returns those
+  ``[seeds, steps, layers]`` arrays, the optimizer state (with ``lx.track_rotation``'s
+  history) and each seed's final training accuracy on clean inputs.
   """
   x, y = jnp.asarray(x), jnp.asarray(y)
 
@@ -139,50 +188,70 @@ def make_train(model: MLP, recipe_optimizer: str, x: np.ndarray,
     params = model.init(init_key, x[:1])['params']
     state = tx.init(params)
 
+    def cosine(a, b):
+      return jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
+
     def step(carry, key):
-      params, state = carry
+      params, state, momentum = carry
       index_key, noise_key = jax.random.split(key)
       index = jax.random.randint(index_key, (batch,), 0, x.shape[0])
       xb = x[index] + noise * jax.random.normal(noise_key, (batch, x.shape[1]))
       loss, grads = jax.value_and_grad(loss_fn)(params, xb, y[index])
       updates, state = tx.update(grads, state, params)
       new = optax.apply_updates(params, updates)
-      whole = lx.step_rotation(params, new)
-      neurons = lx.step_rotation(params, new, per_neuron=True)
-      norms = jax.tree.map(
-          lambda w, a: None if a is None else jnp.linalg.norm(w), new, whole,
-          is_leaf=lambda a: a is None)
-      rms = jax.tree.map(lambda a: jnp.sqrt(jnp.mean(a * a)), neurons)
-      return (new, state), (loss, whole, rms, norms)
+      if recipe_optimizer == 'sgd':
+        # The direction without the decay: the momentum of the gradients.
+        momentum = jax.tree.map(lambda m, g: hyper['momentum'] * m + g,
+                                momentum, grads)
+        directions = at_paths(momentum, paths)
+      else:
+        # AdamW and Lion step by -lr * (direction + wd * w).
+        directions = [(b - a) / learning_rate - weight_decay * b for b, a in
+                      zip(at_paths(params, paths), at_paths(new, paths))]
+      neurons = at_paths(lx.step_rotation(params, new, per_neuron=True), paths)
+      record = {
+          'angle': jnp.stack(at_paths(lx.step_rotation(params, new), paths)),
+          'neuron_rms_angle': jnp.stack(
+              [jnp.sqrt(jnp.mean(a * a)) for a in neurons]),
+          'norm': jnp.stack([jnp.linalg.norm(w) for w in at_paths(new, paths)]),
+          'radial_cosine': jnp.stack(
+              [cosine(u, w) for u, w in zip(directions,
+                                            at_paths(params, paths))]),
+      }
+      return (new, state, momentum), (loss, record)
 
-    (params, state), per_step = jax.lax.scan(
-        step, (params, state), jax.random.split(data_key, steps))
+    momentum = jax.tree.map(jnp.zeros_like, params)
+    (params, state, _), (loss, record) = jax.lax.scan(
+        step, (params, state, momentum), jax.random.split(data_key, steps))
     accuracy = jnp.mean(jnp.argmax(model.apply({'params': params}, x), -1)
                         == y)
-    return per_step, state, accuracy
+    return loss, record, state, accuracy
 
   return jax.jit(jax.vmap(run, in_axes=(None, None, None, 0)))
 
 
-def summarise(recipe: Recipe, per_step: Any, state: Any, accuracy: Any,
-              paths: Sequence[str], window: slice, seeds: Sequence[int]
-              ) -> dict[str, Any]:
+def summarise(recipe: Recipe, loss: Any, record: Any, state: Any,
+              accuracy: Any, paths: Sequence[str], window: slice,
+              seeds: Sequence[int]) -> dict[str, Any]:
   """Per layer: measured mean angle over the window (per seed), the RMS over
-  neurons, the norm's drift across the window, and the prediction."""
-  loss, whole, rms, norms = jax.device_get(per_step)
-  whole, rms, norms = (dict(zip(paths, _layer_leaves(tree, paths)))
-                       for tree in (whole, rms, norms))
+  neurons, the norm's drift across the window, the direction's radial
+  cosine, and the prediction."""
+  loss, record = jax.device_get((loss, record))
   predicted = recipe.predicted_angle()
+  memory = recipe.memory()
   layers = {}
-  for path in paths:
-    measured = whole[path][:, window].mean(axis=1)     # one per seed
-    norm = norms[path][:, window]
+  for i, path in enumerate(paths):
+    measured = record['angle'][:, window, i].mean(axis=1)     # one per seed
+    norm = record['norm'][:, window, i]
     layers[path] = {
         'measured_angle_per_seed': measured,
         'measured_angle': float(measured.mean()),
         'measured_angle_std_over_seeds': float(measured.std()),
-        'neuron_rms_angle': float(rms[path][:, window].mean()),
+        'neuron_rms_angle': float(
+            record['neuron_rms_angle'][:, window, i].mean()),
         'norm_drift_over_window': float(np.mean(norm[:, -1] / norm[:, 0] - 1)),
+        'radial_cosine': float(record['radial_cosine'][:, window, i].mean()),
+        'radial_cosine_random_walk': float(-measured.mean() * memory),
         'ratio': float(measured.mean() / predicted),
     }
   curves = {}
@@ -194,30 +263,22 @@ def summarise(recipe: Recipe, per_step: Any, state: Any, accuracy: Any,
       'recipe': recipe._asdict(), 'label': recipe.label,
       'predicted_angle': predicted,
       'relaxation_steps': recipe.relaxation_steps(),
+      'memory': memory,
       'train_accuracy_per_seed': np.asarray(accuracy),
       'final_loss_per_seed': loss[:, -100:].mean(axis=1),
       'layers': layers,
-      'angle_curves': {p: whole[p].mean(axis=0) for p in paths},
+      'angle_curves': {p: record['angle'][:, :, i].mean(axis=0)
+                       for i, p in enumerate(paths)},
       'rotation_curves': curves,
   }
-
-
-def _layer_leaves(tree: Any, paths: Sequence[str]) -> list[Any]:
-  """The values of ``tree`` at the layer ``paths`` (leaves of a dict tree)."""
-  values = []
-  for path in paths:
-    node = tree
-    for key in path.split('/'):
-      node = node[key]
-    values.append(np.asarray(node))
-  return values
 
 
 def table(runs: Sequence[dict[str, Any]], paths: Sequence[str]) -> str:
   """Measured against predicted per-step angle, one row per recipe and
   layer; ``*`` marks a disagreement beyond the tolerance."""
   lines = [f"{'recipe':<38} {'layer':<15} {'predicted':>9} {'measured':>15} "
-           f"{'ratio':>6} {'neuron rms':>10} {'norm drift':>10}"]
+           f"{'ratio':>6} {'neuron rms':>10} {'norm drift':>10} "
+           f"{'radial cos: measured / random walk':>34}"]
   for run in runs:
     for path in paths:
       layer = run['layers'][path]
@@ -226,7 +287,9 @@ def table(runs: Sequence[dict[str, Any]], paths: Sequence[str]) -> str:
           f"{run['label']:<38} {path:<15} {run['predicted_angle']:>9.5f} "
           f"{layer['measured_angle']:>9.5f}+-{layer['measured_angle_std_over_seeds']:.5f} "
           f"{layer['ratio']:>6.3f} {layer['neuron_rms_angle']:>10.5f} "
-          f"{layer['norm_drift_over_window']:>+10.3%}{flag}")
+          f"{layer['norm_drift_over_window']:>+10.1%} "
+          f"{layer['radial_cosine']:>+25.3f} / "
+          f"{layer['radial_cosine_random_walk']:+.3f}{flag}")
   return '\n'.join(lines)
 
 
@@ -302,6 +365,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--seeds', type=int, default=None,
                       help='seeds per recipe (default 3; 2 with --quick)')
   parser.add_argument('--width', type=int, default=256, help='hidden width')
+  parser.add_argument('--activation', default='relu',
+                      help="hidden activation, a flax.linen function name "
+                           "(default 'relu')")
   parser.add_argument('--batch', type=int, default=64, help='batch size')
   parser.add_argument('--noise', type=float, default=1.0,
                       help='std of the Gaussian noise added to the '
@@ -327,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     recipes = tuple(r._replace(weight_decay=5 * r.weight_decay)
                     for r in recipes)
   x, y = load_digits()
-  model = MLP(width=args.width)
+  model = MLP(width=args.width, activation=args.activation)
   paths = layer_paths(model.init(jax.random.PRNGKey(0), x[:1])['params'])
   seeds = list(range(args.seeds))
   window = slice(2 * args.steps // 3, None)
@@ -336,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     if recipe.optimizer not in trainers:
       trainers[recipe.optimizer] = make_train(
-          model, recipe.optimizer, x, y, steps=args.steps, batch=args.batch,
+          model, recipe.optimizer, x, y, paths, steps=args.steps,
+          batch=args.batch,
           record_every=max(args.steps // 100, 1), noise=args.noise)
     out = trainers[recipe.optimizer](recipe.learning_rate, recipe.weight_decay,
                                      recipe.hyper, jnp.asarray(seeds))

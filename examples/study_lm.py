@@ -118,26 +118,14 @@ class CharLM(nn.Module):
     return embed.attend(x) if self.tied else nn.Dense(self.vocab)(x)
 
 
-def is_layer(params: PyTree) -> PyTree:
-  """Kernels and embeddings are layers; biases and LayerNorm are not.
-
-  Passed as ``mask=`` so that attention's zero-initialised 2-D biases are
-  never taken for layers, whatever layca-jax's default rule.
-  """
+def decayed(params: PyTree) -> PyTree:
+  """AdamW's weight-decay mask: kernels and embeddings, not biases or
+  LayerNorm parameters. These are also the leaves layca-jax takes for layers
+  (its default, name-based rule), so Layca turns exactly the leaves that
+  AdamW decays."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: getattr(path[-1], 'key', None) in ('kernel', 'embedding'),
       params)
-
-
-def at_paths(tree: PyTree, paths: Sequence[str]) -> list[Any]:
-  """The leaves of a nested-dict ``tree`` at '/'-joined ``paths``."""
-  values = []
-  for path in paths:
-    node = tree
-    for key in path.split('/'):
-      node = node[key]
-    values.append(node)
-  return values
 
 
 # ---------------------------------------------------------------------------
@@ -174,10 +162,10 @@ def make_optimizer(family: str, peak: jax.Array, warmup_steps: jax.Array,
                    ) -> optax.GradientTransformation:
   lr = lr_schedule(peak, warmup_steps, total)
   if family == 'adamw':
-    return optax.adamw(lr, b1=B1, weight_decay=weight_decay, mask=is_layer)
+    return optax.adamw(lr, b1=B1, weight_decay=weight_decay, mask=decayed)
   rate = lx.equilibrium_rate('adamw', lr, weight_decay, b1=B1)
   return lx.layca_adam(lambda count: rate_factor * rate(count), b1=B1,
-                       mask=is_layer, non_layer_learning_rate=lr)
+                       non_layer_learning_rate=lr)
 
 
 class Trainer:
@@ -206,7 +194,7 @@ class Trainer:
                           hyper['rate_factor'], total=args.steps,
                           weight_decay=args.weight_decay)
       return optax.chain(tx, lx.track_rotation(
-          every=record_every, history=args.records + 1, mask=is_layer))
+          every=record_every, history=args.records + 1))
 
     def init(hyper, seed):
       params = model.init(jax.random.PRNGKey(seed),
@@ -226,12 +214,12 @@ class Trainer:
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
         updates, state = tx.update(grads, state, params)
         new = optax.apply_updates(params, updates)
-        angles = at_paths(lx.step_rotation(params, new, mask=is_layer), paths)
-        return (new, state), (loss, jnp.stack(angles))
+        return (new, state), (loss, lx.step_rotation(params, new))
 
       (params, state), (losses, angles) = jax.lax.scan(
           step, (params, state), start + jnp.arange(args.chunk))
-      return params, state, losses.mean(), angles.mean(axis=0)
+      return (params, state, losses.mean(),
+              jax.tree.map(lambda a: a.mean(axis=0), angles))
 
     def evaluate(params, windows):
       def one(window):
@@ -269,31 +257,42 @@ class Trainer:
                                                jnp.int32(start))
       log['step'].append(start + args.chunk)
       log['train_loss'].append(np.asarray(loss))
-      log['angles'].append(np.asarray(angles))
+      log['angles'].append(jax.device_get(angles))
       log['val_bpc'].append(np.asarray(self.evaluate(params, windows)))
       if not quiet:
         print(f'  {self.family} step {start + args.chunk}/{args.steps}: '
               f'val bpc {np.array2string(log["val_bpc"][-1], precision=3)} '
               f'({time.perf_counter() - start_time:.0f} s)', flush=True)
     final = np.asarray(self.evaluate(params, jnp.asarray(final_windows)))
+    steps = np.arange(args.steps)
+
+    def chunk_means(schedule):
+      """A per-step schedule's mean over each chunk, as the angles are."""
+      values = np.asarray(schedule(steps), np.float64)
+      return values.reshape(-1, args.chunk).mean(axis=1).tolist()
+
     results = []
     for i, (config, seed) in enumerate(pairs):
       one = jax.tree.map(lambda a, i=i: a[i], state)
       history = lx.RotationHistory(order=self.paths)
       history.extend(*lx.rotation_history(one))
       lr = lr_schedule(config.peak_lr, hyper['warmup_steps'][i], args.steps)
+      angles = [lx.flatten_rotations(jax.tree.map(lambda a, i=i: a[i], chunk),
+                                     self.paths) for chunk in log['angles']]
       results.append({
           'name': config.name, 'config': config._asdict(), 'seed': seed,
           'val_bpc': float(final[i]),
           'val_bpc_curve': [float(v[i]) for v in log['val_bpc']],
           'curve_steps': log['step'],
           'train_loss_curve': [float(v[i]) for v in log['train_loss']],
-          'angle_curves': {p: [float(a[i, j]) for a in log['angles']]
-                           for j, p in enumerate(self.paths)},
-          'predicted_angle_curve': [
-              float(lx.equilibrium_angle('adamw', lr, args.weight_decay,
-                                         b1=B1)(s - args.chunk / 2))
-              for s in log['step'][1:]],
+          'angle_curves': {p: [flat[p] for flat in angles]
+                           for p in self.paths},
+          'predicted_angle_curve': chunk_means(lx.equilibrium_angle(
+              'adamw', lr, args.weight_decay, b1=B1)),
+          'set_angle_curve': (chunk_means(lambda t: jnp.arctan(
+              config.rate_factor * lx.equilibrium_rate(
+                  'adamw', lr, args.weight_decay, b1=B1)(t)))
+                              if self.family == 'layca' else None),
           'rotation_steps': history.steps,
           'rotation_curves': history.curves,
           'final_rotation': {p: float(c[-1])
@@ -433,7 +432,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   quick = args.quick
   defaults = {'steps': 40 if quick else 1000, 'seeds': 2 if quick else 3,
-              'lrs': [3e-3, 1e-2] if quick else [1e-3, 3e-3, 1e-2],
+              'lrs': [3e-3, 1e-2] if quick else [3e-3, 1e-2, 3e-2],
               'rate_factors': [4.0] if quick else [0.25, 0.5, 2.0, 4.0]}
   for key, value in defaults.items():
     if getattr(args, key) is None:
@@ -462,9 +461,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       jnp.zeros((1, args.context), jnp.int32))['params']
   paths = lx.forward_order(lambda p, x: model.apply({'params': p}, x),
                            params, jnp.zeros((1, args.context), jnp.int32))
-  layers = set(lx.flatten_rotations(lx.layer_rotation(params, params,
-                                                      mask=is_layer)))
-  paths = [p for p in paths if p in layers]
   seeds = list(range(args.seeds))
   windows = val_windows(text.val, args.context, limit=args.val_windows)
   final_windows = (windows if args.quick

@@ -12,7 +12,8 @@ order), :mod:`layca_jax._numerics` (safe float32 reductions),
 :mod:`layca_jax._equilibrium` (rates from weight-decayed recipes),
 :mod:`layca_jax._tracking` (in-graph tracking and readers),
 :mod:`layca_jax._order` (forward order, flat metrics),
-:mod:`layca_jax._history` (host recorder), :mod:`layca_jax._plot` (curves
+:mod:`layca_jax._history` (host recorder), :mod:`layca_jax._replay` (rate
+schedules replaying recorded step angles), :mod:`layca_jax._plot` (curves
 and table).
 """
 
@@ -35,14 +36,18 @@ from layca_jax._optimizers import layca_rmsprop
 from layca_jax._optimizers import layca_sgd
 from layca_jax._order import flatten_rotations
 from layca_jax._order import forward_order
+from layca_jax._order import NeuronSpread
 from layca_jax._plot import plot_layer_rotation_curves
 from layca_jax._plot import rotation_table
+from layca_jax._replay import replay_multipliers
 from layca_jax._rotation import copy_params
 from layca_jax._rotation import layer_rotation
 from layca_jax._rotation import step_rotation
 from layca_jax._tracking import rotation_history
+from layca_jax._tracking import step_angle_history
 from layca_jax._tracking import track_rotation
 from layca_jax._tracking import tracked_rotation
+from layca_jax._tracking import tracked_step_angle
 from layca_jax._tracking import TrackRotationState
 
 __version__ = '0.1.0'
@@ -51,6 +56,7 @@ __all__ = (
     'KeepNormState',
     'LaycaState',
     'LayerSpec',
+    'NeuronSpread',
     'RotationHistory',
     'TrackRotationState',
     'alpha_multipliers',
@@ -70,10 +76,13 @@ __all__ = (
     'layer_specs',
     'norm_drift',
     'plot_layer_rotation_curves',
+    'replay_multipliers',
     'rotation_history',
     'rotation_table',
     'skipped_steps',
+    'step_angle_history',
     'step_rotation',
     'track_rotation',
     'tracked_rotation',
+    'tracked_step_angle',
 )

@@ -55,9 +55,10 @@ _MIN_TANGENT_FRACTION = 2.0 ** -3
 _CENTRE_BELOW = 2.0 ** -2
 # Entries per unit read to estimate its scales and centre.
 _SAMPLE_SIZE = 64
-# Fast-branch scale exponents stay within +-_MAX_EXPONENT (2**e is then a
-# normal float32); units beyond take the careful branch.
-_MAX_EXPONENT = 100
+# Fast-branch scale exponents stay within +-_MAX_EXPONENT, so that 2**e is a
+# normal float32 (a dead unit's momentum decays down to subnormals); units
+# beyond take the careful branch.
+_MAX_EXPONENT = 126
 # A careful coefficient ``b * 2^e`` is applied as ``b1 * (b2 * d)`` with
 # ``b2 = 2^-shift``, ``|shift| <= _MAX_SHIFT``: neither factor leaves the
 # float32 range when ``w`` and ``d`` are ~2^120 apart.
@@ -84,13 +85,43 @@ class Coefficients(NamedTuple):
   norm: jax.Array
 
 
+_HIGH_BITS = {jnp.dtype(jnp.float32): (jnp.uint32, 0xFFFFF000),
+              jnp.dtype(jnp.float64): (jnp.uint64, 0xFFFFFFFFF8000000)}
+
+
+def split_high(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``x = high + low`` exactly, ``high`` keeping the top half of the
+  significand, so that the product of two ``high`` parts is exact."""
+  if x.dtype not in _HIGH_BITS:
+    return x, jnp.zeros_like(x)
+  uint, mask = _HIGH_BITS[x.dtype]
+  bits = jax.lax.bitcast_convert_type(x, uint) & jnp.asarray(mask, uint)
+  high = jax.lax.bitcast_convert_type(bits, x.dtype)
+  return high, x - high
+
+
 def apply_coefficients(coef: Coefficients, w: jax.Array, d: jax.Array,
                        dtype: Any) -> jax.Array:
-  """The elementwise pass: the update, zero where the unit does not move."""
+  """The elementwise pass: the update, zero where the unit does not move.
+
+  ``beta2 * d - gamma * w`` is nearly zero for a step nearly along the
+  weights; ``gamma * w`` is formed exactly (split products) before the
+  subtraction, so the step keeps its own relative precision, not that of
+  ``d``, and stays orthogonal to the weights however close it is to them.
+  """
   acc = coef.beta1.dtype
   w32, d32 = w.astype(acc), d.astype(acc)
-  update = coef.alpha_m1 * w32 + coef.beta1 * (coef.beta2 * d32 - coef.gamma * w32)
+  step = minus_product(coef.beta2 * d32, coef.gamma, w32)
+  update = coef.alpha_m1 * w32 + coef.beta1 * step
   return jnp.where(coef.moves, update, 0.0).astype(dtype)
+
+
+def minus_product(a: jax.Array, c: jax.Array, w: jax.Array) -> jax.Array:
+  """``a - c * w`` with ``c * w`` formed exactly: when ``a`` is nearly
+  ``c * w`` the result keeps its own relative precision, not that of ``a``."""
+  w_hi, w_lo = split_high(w)
+  c_hi, c_lo = split_high(c)
+  return ((a - c_hi * w_hi) - c_hi * w_lo) - c_lo * w
 
 
 def pass_through(scale: jax.Array, finite: jax.Array,
@@ -194,7 +225,7 @@ def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
                           sample_estimates(spec, w, d, axis_name))
   one = jnp.ones((), centre.dtype)
   w_hat = nx.upcast(w) * jnp.ldexp(one, -w_exp)
-  e = nx.upcast(d) * jnp.ldexp(one, -d_exp) - centre * w_hat
+  e = minus_product(nx.upcast(d) * jnp.ldexp(one, -d_exp), centre, w_hat)
   return TangentSums(nx.unit_sum(w_hat * w_hat, spec, axis_name),
                      nx.unit_sum(e * w_hat, spec, axis_name),
                      nx.unit_sum(e * e, spec, axis_name), w_exp, d_exp, centre)

@@ -162,7 +162,7 @@ _ARGS_DOC = """
       with momentum and the decay added to the gradient before the momentum,
       as ``torch.optim.SGD(weight_decay=...)`` and ``optax.chain(
       optax.add_decayed_weights(wd), optax.sgd(lr, momentum=m))``);
-      ``'lion'`` (as ``optax.lion`` and the paper's Lion, decay multiplied by
+      ``'lion'`` (as ``optax.lion``, Chen et al. 2023: decay multiplied by
       the learning rate). ``'adam'`` (Adam with L2) is refused: it has no
       closed form.
     learning_rate: the optimizer's learning rate: a number, or an optax
@@ -174,6 +174,7 @@ _ARGS_DOC = """
     b2: ``'lion'`` only: the decay of Lion's momentum (0.99, optax's default,
       when omitted).
     momentum: ``'sgd'`` only: the momentum (0 when omitted).
+
 """
 
 _ASSUMPTIONS_DOC = """
@@ -213,6 +214,14 @@ _ASSUMPTIONS_DOC = """
     1% at ``b1 = 0.9, b2 = 0.99, lr wd = 5e-4``, but the simulated angle is
     about 6% below it at ``b1 = 0.5`` and 4-5% below it when
     ``lr wd / (1 - b2) = 0.05``.
+
+  Measured on a real network (``examples/study_equilibrium.py``: an MLP
+  whose hidden kernels are followed by LayerNorm), SGD's formula held on
+  every scale-invariant layer (within 14%, ReLU or tanh); AdamW's within 7%
+  with ReLU but up to 53% high with tanh; Lion's on the first layer only.
+  Elementwise normalisation (Adam) and ``sign`` (Lion) do not keep the
+  direction orthogonal to the weights, so the random-walk assumption is the
+  weak point for them: measure with ``lx.step_rotation`` where it matters.
 """
 
 

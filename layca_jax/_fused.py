@@ -142,7 +142,7 @@ def fused_layca(
     d_leaves = treedef.flatten_up_to(directions)
 
     rate = _rate_value(learning_rate, state.count)
-    mults = _layca.multiplier_values(multipliers, params, specs)
+    mults = _layca.multiplier_values(multipliers, params, specs, state.count)
     rates = [rate if m is None else rate * m for m in mults]
     coefs = cf.coefficients(
         cf.LAYCA_UPDATE, specs, leaves, d_leaves, axes,

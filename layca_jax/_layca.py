@@ -117,25 +117,31 @@ def check_update_inputs(name: str, updates: PyTree, params: PyTree | None,
   return specs
 
 
-def multiplier_values(multipliers: PerLeaf, params: PyTree,
-                      specs) -> list[jax.Array | None]:
-  """Per-leaf multipliers shaped ``keepdims_shape`` (None at non-layers),
-  floating (float32 unless given wider).
+def multiplier_values(multipliers: PerLeaf, params: PyTree, specs,
+                      count: jax.Array) -> list[jax.Array | None]:
+  """Per-leaf multipliers at step ``count``, shaped ``keepdims_shape`` (None
+  at non-layers), floating (float32 unless given wider).
 
-  Concrete values are checked: a negative or NaN multiplier is a ValueError
-  naming its leaf.
+  A callable ``multipliers`` is a function of the params; a callable *leaf*
+  is a schedule, called with the step ``count`` (e.g. from
+  :func:`layca_jax.replay_multipliers`). Concrete values are checked: a
+  negative or NaN multiplier is a ValueError naming its leaf.
   """
   if multipliers is None:
     return [None] * len(specs)
+  if callable(multipliers):  # Of the params; schedules sit at the leaves.
+    multipliers = multipliers(params)
   values = _layers.broadcast_option(
       multipliers, params, 'multipliers',
-      lambda x: x is None or isinstance(x, (int, float)) or (
+      lambda x: x is None or isinstance(x, (int, float)) or callable(x) or (
           hasattr(x, 'shape') and hasattr(x, 'dtype')))
   out = []
   for spec, m in zip(specs, values):
     if spec is None or m is None:
       out.append(None)
       continue
+    if callable(m):
+      m = m(count)
     concrete = nx.concrete_or_none(m)
     if concrete is not None and not np.all(np.isfinite(concrete)
                                            & (concrete >= 0)):
@@ -169,11 +175,14 @@ class LaycaState(NamedTuple):
       :func:`norm_drift`, tells whether something holds the norm.
     skipped: per-unit count of steps whose incoming update held a NaN or
       Inf (those units got a zero step; see :func:`skipped_steps`).
+    count: number of ``update`` calls (int32): the step at which schedules
+      in ``multipliers`` are read.
   """
 
   initial_norm: PyTree
   norm: PyTree
   skipped: PyTree
+  count: jax.Array
 
 
 def next_state(state: LaycaState, coefs, specs, treedef) -> LaycaState:
@@ -185,7 +194,8 @@ def next_state(state: LaycaState, coefs, specs, treedef) -> LaycaState:
             for c, spec in zip(coefs, specs)]
   skipped = jax.tree.map(lambda count, ok: count + (~ok).astype(jnp.int32),
                          state.skipped, treedef.unflatten(finite))
-  return LaycaState(state.initial_norm, treedef.unflatten(norm), skipped)
+  return LaycaState(state.initial_norm, treedef.unflatten(norm), skipped,
+                    optax.safe_increment(state.count))
 
 
 @_layers.document_options('mask', 'per_neuron', 'stack_axes', 'multipliers',
@@ -245,7 +255,8 @@ def layca(
 
   def init_fn(params):
     specs = options.specs(params)
-    multiplier_values(multipliers, params, specs)  # Validates early.
+    count = jnp.zeros([], jnp.int32)
+    multiplier_values(multipliers, params, specs, count)  # Validates early.
     norms = initial_norms(params, specs, options.axis_names(params))
     treedef = jax.tree.structure(params)
     # zeros_like keeps the norms' shard_map varying-ness, which update's
@@ -253,7 +264,7 @@ def layca(
     skipped = [n if n is None else jnp.zeros_like(n, jnp.int32) for n in norms]
     return LaycaState(initial_norm=treedef.unflatten(norms),
                       norm=copy_params(treedef.unflatten(norms)),
-                      skipped=treedef.unflatten(skipped))
+                      skipped=treedef.unflatten(skipped), count=count)
 
   def update_fn(updates, state, params=None):
     specs = check_update_inputs('layca', updates, params, options.specs,
@@ -261,7 +272,8 @@ def layca(
     leaves, treedef = jax.tree.flatten(params)
     steps = treedef.flatten_up_to(updates)
     mults = [jnp.ones((), jnp.float32) if m is None else m
-             for m in multiplier_values(multipliers, params, specs)]
+             for m in multiplier_values(multipliers, params, specs,
+                                        state.count)]
     coefs = cf.coefficients(cf.LAYCA_STEP, specs, leaves, steps,
                             options.axis_names(params),
                             unit_values(state.initial_norm, specs, treedef),

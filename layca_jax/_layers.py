@@ -286,8 +286,9 @@ _OPTION_DOCS = {
     'multipliers': (
         'per-unit rate multipliers: a pytree matching params (values at '
         'non-layer leaves ignored) or a callable of params, holding scalars, '
-        'stack-shaped or unit-shaped arrays; e.g. from '
-        ':func:`alpha_multipliers`.'),
+        'stack-shaped or unit-shaped arrays, or schedules (callables of the '
+        'step count); e.g. from :func:`alpha_multipliers` or '
+        ':func:`replay_multipliers`.'),
     'axis_name': (
         'mesh axis a layer is split over inside ``shard_map``/``pmap`` '
         '(per-unit sums are ``psum``-ed): one name, or a pytree/callable per '

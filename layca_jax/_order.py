@@ -10,7 +10,7 @@ computation; :func:`flatten_rotations` turns a rotation pytree into the flat
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core as jex
@@ -123,15 +123,37 @@ def forward_order(
                  if specs[i].path not in seen]
 
 
+class NeuronSpread(NamedTuple):
+  """A per-neuron quantity summed up over each layer's neurons.
+
+  What ``lx.track_rotation(per_neuron=True, spread=True)`` records at a
+  layer leaf instead of one value per neuron: NaN units (weights zero) are
+  left out. Each field has the layer's stack shape (a scalar for an
+  ordinary layer). :func:`flatten_rotations` names its values
+  ``'path/min'``, ``'path/median'``, ``'path/max'``.
+
+  Example:
+    >>> import layca_jax as lx
+    >>> spread = lx.NeuronSpread(min=0.0, median=0.25, max=1.0)
+    >>> lx.flatten_rotations({'Dense_0': {'kernel': spread}})
+    {'Dense_0/kernel/min': 0.0, 'Dense_0/kernel/median': 0.25, 'Dense_0/kernel/max': 1.0}
+  """
+
+  min: Any
+  median: Any
+  max: Any
+
+
 def ordered_leaves(rotations: PyTree,
                    order: Sequence[str] | None = None) -> list[tuple[str, Any]]:
   """``(path, value)`` of the non-None leaves of ``rotations``, in depth order.
 
   Natural sort of the paths by default (``Dense_2`` before ``Dense_10``), or
   the given ``order`` of layer paths (every leaf path listed once; extra
-  paths are ignored).
+  paths are ignored). A :class:`NeuronSpread` counts as one leaf.
   """
-  flat = jax.tree_util.tree_flatten_with_path(rotations)[0]
+  flat = jax.tree_util.tree_flatten_with_path(
+      rotations, is_leaf=lambda x: isinstance(x, NeuronSpread))[0]
   specs = [LayerSpec(_layers.path_name(path), np.shape(leaf), 0, False)
            for path, leaf in flat]
   return [(specs[i].path, flat[i][1])
@@ -139,12 +161,16 @@ def ordered_leaves(rotations: PyTree,
 
 
 def unit_items(path: str, value: Any) -> list[tuple[str, float]]:
-  """``[(path, v)]`` for a scalar, ``[(path/i, v_i), ...]`` per unit."""
-  values = np.asarray(value, dtype=np.float64)
-  if values.ndim == 0:
-    return [(path, float(values))]
-  return [(path + '/' + '/'.join(map(str, index)), float(values[index]))
-          for index in np.ndindex(values.shape)]
+  """``[(path, v)]`` for a scalar, ``[(path/i, v_i), ...]`` per unit, and
+  ``[(path[/i]/min, v), (path[/i]/median, v), (path[/i]/max, v)]`` for a
+  :class:`NeuronSpread`."""
+  stats = (value._asdict() if isinstance(value, NeuronSpread)
+           else {'': value})
+  stats = {name: np.asarray(v, dtype=np.float64) for name, v in stats.items()}
+  shape = next(iter(stats.values())).shape
+  return [('/'.join((path,) + tuple(map(str, index)) + ((name,) if name else ())),
+           float(values[index]))
+          for index in np.ndindex(shape) for name, values in stats.items()]
 
 
 def flatten_rotations(rotations: PyTree, order: Sequence[str] | None = None,
@@ -154,12 +180,15 @@ def flatten_rotations(rotations: PyTree, order: Sequence[str] | None = None,
   Ready for TensorBoard, W&B or clu writers. Keys are the '/'-joined leaf
   paths (``'Conv_0/kernel'``), with ``prefix`` prepended; a per-unit leaf
   (``per_neuron`` or ``stack_axes``) expands to one key per unit,
-  ``'path/i'`` (``'path/i/j'`` for two unit axes). ``None`` leaves are
+  ``'path/i'`` (``'path/i/j'`` for two unit axes), and a
+  :class:`NeuronSpread` (``track_rotation(spread=True)``) to
+  ``'path/min'``, ``'path/median'``, ``'path/max'``. ``None`` leaves are
   skipped.
 
   Args:
     rotations: a pytree as from :func:`layer_rotation`,
-      :func:`step_rotation` or :func:`tracked_rotation` (host or device).
+      :func:`step_rotation`, :func:`tracked_rotation` or
+      :func:`tracked_step_angle` (host or device).
     order: layer paths in depth order (e.g. :func:`forward_order`); ``None``
       for a natural sort of the paths.
     prefix: prepended to every key, e.g. ``'rotation/'``.

@@ -2,7 +2,8 @@
 
 :func:`track_rotation` keeps the initial params in its state and, every
 ``every`` steps, stores :func:`layer_rotation` of the params passed to
-``update``, inside the jitted step (no host round trip). With ``history=N``
+``update`` (and, with ``step_angles=True``, the angle each layer turns in
+that step), inside the jitted step (no host round trip). With ``history=N``
 it also keeps the last ``N`` records in a ring buffer, for training loops run
 under ``lax.scan``.
 """
@@ -19,6 +20,7 @@ import optax
 from layca_jax import _layca
 from layca_jax import _rotation
 from layca_jax._layers import PerLeaf, PyTree, UnitOptions, document_options
+from layca_jax._order import NeuronSpread
 
 
 class TrackRotationState(NamedTuple):
@@ -37,6 +39,10 @@ class TrackRotationState(NamedTuple):
       ``None`` without ``history``.
     history_len: number of filled slots (int32, at most ``history``);
       ``None`` without ``history``.
+    step_angle: ``None`` without ``step_angles``; else the latest recorded
+      step angles (radians, like ``rotation``; zero before the first record).
+    step_angle_history: ``None`` without ``step_angles`` and ``history``;
+      else their ring buffer, filled with ``history``'s slots and steps.
   """
 
   count: jax.Array
@@ -45,6 +51,19 @@ class TrackRotationState(NamedTuple):
   history: PyTree
   history_steps: jax.Array | None
   history_len: jax.Array | None
+  step_angle: PyTree = None
+  step_angle_history: PyTree = None
+
+
+def _neuron_spread(values: PyTree, specs, treedef) -> PyTree:
+  """Per-neuron leaves reduced over their neurons (last axis), NaN left out."""
+  def reduce(spec, v):
+    if spec is None or not spec.per_neuron:
+      return v
+    return NeuronSpread(jnp.nanmin(v, axis=-1), jnp.nanmedian(v, axis=-1),
+                        jnp.nanmax(v, axis=-1))
+  return treedef.unflatten([reduce(spec, v) for spec, v
+                            in zip(specs, treedef.flatten_up_to(values))])
 
 
 @document_options('mask', 'per_neuron', 'stack_axes', 'axis_name')
@@ -52,6 +71,8 @@ def track_rotation(
     every: int = 1,
     *,
     history: int | None = None,
+    step_angles: bool = False,
+    spread: bool = False,
     mask: PerLeaf = None,
     per_neuron: PerLeaf = False,
     stack_axes: PerLeaf = None,
@@ -66,15 +87,32 @@ def track_rotation(
   ``update`` (the params after ``t`` steps), computed in-graph. Read it with
   :func:`tracked_rotation`, and the buffer with :func:`rotation_history`.
 
+  With ``step_angles=True`` the same records also hold the angle, in
+  radians, that each layer turns in step ``t``: ``lx.step_rotation(params,
+  optax.apply_updates(params, updates))`` of the ``updates`` this link sees,
+  so place it **last** in the chain, where they are the updates applied
+  (optax's ``snapshot``/``monitor`` likewise measure what reaches them).
+  Read them with :func:`tracked_step_angle` and
+  :func:`step_angle_history`; :func:`replay_multipliers` turns them into
+  Layca rate schedules. As with ``optax.snapshot``, the latest records are
+  also ``optax.tree.get(state, 'rotation')`` and ``'step_angle'``.
+
   Memory: the state holds exactly one copy of the params (``init_params``,
-  in their own dtype), plus one float32 per rotation unit (times
-  ``history + 1`` with a buffer). Cost: one fused reduction pass per layer
-  leaf on recorded steps (see :func:`layer_rotation`), nothing on others.
+  in their own dtype), plus one float32 per rotation unit and measure
+  (times ``history + 1`` with a buffer; three per layer with ``spread``).
+  Cost: one fused reduction pass per layer leaf and measure on recorded
+  steps (see :func:`layer_rotation`), nothing on others.
 
   Args:
     every: record on steps ``0, every, 2 * every, ...``.
     history: capacity of a ring buffer keeping the last ``history`` records
       and their step numbers in the state; ``None`` for none.
+    step_angles: also record each layer's angle in the step being taken.
+    spread: with ``per_neuron``, record for each layer the
+      :class:`NeuronSpread` (min, median, max over its neurons) of every
+      measure instead of one value per neuron: three numbers per layer in
+      the buffer, keys ``'path/min'``, ``'path/median'``, ``'path/max'`` in
+      :func:`flatten_rotations`.
     {options}
 
   Returns:
@@ -94,6 +132,18 @@ def track_rotation(
     >>> steps, rotations = lx.rotation_history(state)
     >>> steps.tolist(), [round(float(r), 4) for r in rotations['kernel']]
     ([0, 1, 2], [0.0, 0.2929, 0.5528])
+
+    Per-step angles, with their spread over neurons:
+
+    >>> params = {'kernel': jnp.eye(2)}
+    >>> tx = optax.chain(optax.sgd(1.0), lx.track_rotation(
+    ...     step_angles=True, per_neuron=True, spread=True))
+    >>> state = tx.init(params)
+    >>> grads = {'kernel': jnp.array([[0., -1.], [0., 0.]])}  # turns neuron 1
+    >>> _, state = tx.update(grads, state, params)
+    >>> {k: round(v, 4) for k, v in
+    ...  lx.flatten_rotations(lx.tracked_step_angle(state)).items()}
+    {'kernel/min': 0.0, 'kernel/median': 0.3927, 'kernel/max': 0.7854}
   """
   if not isinstance(every, (int, np.integer)) or every < 1:
     raise ValueError(f'`every` must be a positive integer, got {every!r}.')
@@ -101,44 +151,64 @@ def track_rotation(
                               or history < 1):
     raise ValueError(
         f'`history` must be None or a positive integer, got {history!r}.')
+  if spread and per_neuron is False:
+    raise ValueError('`spread=True` summarises per-neuron units: it needs '
+                     '`per_neuron`.')
   options = UnitOptions(mask, per_neuron, stack_axes, axis_name)
 
-  def measure(params, init_params):
-    return _rotation.layer_rotation(params, init_params, **options._asdict())
+  def summarise(values, params):
+    if not spread:
+      return values
+    return _neuron_spread(values, options.specs(params),
+                          jax.tree.structure(params))
+
+  def measure(params, updates, init_params):
+    """``(rotation, step angle or None)``: one record."""
+    rotation = summarise(_rotation.layer_rotation(
+        params, init_params, **options._asdict()), params)
+    if not step_angles:
+      return rotation, None
+    return rotation, summarise(_rotation.step_rotation(
+        params, optax.apply_updates(params, updates), **options._asdict()),
+                               params)
 
   def init_fn(params):
     # A copy: the state must not share the caller's buffers (donation), nor
     # follow params that are updated in place (an nnx model's state).
     init_params = _rotation.copy_params(params)
-    rotation = jax.tree.map(jnp.zeros_like, measure(init_params, params))
+    latest = jax.tree.map(jnp.zeros_like,
+                          measure(init_params, jax.tree.map(jnp.zeros_like,
+                                                            params), params))
+    state = TrackRotationState(jnp.zeros([], jnp.int32), init_params,
+                               latest[0], None, None, None, latest[1])
     if history is None:
-      return TrackRotationState(jnp.zeros([], jnp.int32), init_params,
-                                rotation, None, None, None)
-    buffer = jax.tree.map(
-        lambda r: jnp.zeros((history,) + r.shape, r.dtype), rotation)
-    return TrackRotationState(jnp.zeros([], jnp.int32), init_params, rotation,
-                              buffer, jnp.full((history,), -1, jnp.int32),
-                              jnp.zeros([], jnp.int32))
+      return state
+    buffers = jax.tree.map(
+        lambda r: jnp.zeros((history,) + r.shape, r.dtype), latest)
+    return state._replace(history=buffers[0], step_angle_history=buffers[1],
+                          history_steps=jnp.full((history,), -1, jnp.int32),
+                          history_len=jnp.zeros([], jnp.int32))
 
-  def record(state, params):
-    rotation = measure(params, state.init_params)
+  def record(state, params, updates):
+    latest = measure(params, updates, state.init_params)
+    state = state._replace(rotation=latest[0], step_angle=latest[1])
     if history is None:
-      return state._replace(rotation=rotation)
+      return state
     slot = (state.count // every) % history
+    buffers = jax.tree.map(lambda h, r: h.at[slot].set(r),
+                           (state.history, state.step_angle_history), latest)
     return state._replace(
-        rotation=rotation,
-        history=jax.tree.map(lambda h, r: h.at[slot].set(r), state.history,
-                             rotation),
+        history=buffers[0], step_angle_history=buffers[1],
         history_steps=state.history_steps.at[slot].set(state.count),
         history_len=jnp.minimum(state.history_len + 1, history))
 
   def update_fn(updates, state, params=None):
     _layca._require_params(params, 'track_rotation')
     if every == 1:
-      new_state = record(state, params)
+      new_state = record(state, params, updates)
     else:
       new_state = jax.lax.cond(state.count % every == 0, record,
-                               lambda s, _: s, state, params)
+                               lambda s, *_: s, state, params, updates)
     return updates, new_state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -177,6 +247,21 @@ def tracked_rotation(opt_state: Any) -> PyTree:
   return _the_tracking_state(opt_state).rotation
 
 
+def _records(opt_state: Any, field: str) -> tuple[np.ndarray, PyTree]:
+  """``(steps, buffer)`` of one measure's ring buffer, oldest first."""
+  state = _the_tracking_state(opt_state)
+  if state.history is None:
+    raise ValueError(
+        'This lx.track_rotation state keeps no history: create it with '
+        '`lx.track_rotation(history=N)`.')
+  steps, n, buffer = jax.device_get(
+      (state.history_steps, state.history_len, getattr(state, field)))
+  steps = np.asarray(steps)[:int(n)]
+  oldest_first = np.argsort(steps, kind='stable')
+  return steps[oldest_first], jax.tree.map(
+      lambda h: np.asarray(h)[:int(n)][oldest_first], buffer)
+
+
 def rotation_history(opt_state: Any) -> tuple[np.ndarray, PyTree]:
   """The records kept by ``track_rotation(history=N)``, oldest first.
 
@@ -203,13 +288,81 @@ def rotation_history(opt_state: Any) -> tuple[np.ndarray, PyTree]:
     >>> lx.rotation_history(state)[0].tolist()  # the buffer kept the last 2
     [4, 6]
   """
-  state = jax.device_get(_the_tracking_state(opt_state))
-  if state.history is None:
+  return _records(opt_state, 'history')
+
+
+def _require_step_angles(state: TrackRotationState) -> None:
+  if state.step_angle is None:
     raise ValueError(
-        'This lx.track_rotation state keeps no history: create it with '
-        '`lx.track_rotation(history=N)`.')
-  n = int(state.history_len)
-  steps = np.asarray(state.history_steps)[:n]
-  oldest_first = np.argsort(steps, kind='stable')
-  return steps[oldest_first], jax.tree.map(
-      lambda h: np.asarray(h)[:n][oldest_first], state.history)
+        'This lx.track_rotation state records no step angles: create it with '
+        '`lx.track_rotation(step_angles=True)`, last in the chain.')
+
+
+def tracked_step_angle(opt_state: Any) -> PyTree:
+  """The latest step angles recorded by ``track_rotation(step_angles=True)``.
+
+  The angle, in radians, that each layer (unit) turned in the step of the
+  latest record: between the params passed to that ``update`` and those
+  params plus the updates :func:`track_rotation` saw.
+
+  Args:
+    opt_state: an optimizer state holding one :func:`track_rotation` state
+      at any depth.
+
+  Returns:
+    A pytree like the params: float32 angles per unit (or a
+    :class:`NeuronSpread` with ``spread``) at layer leaves, ``None``
+    elsewhere (device arrays; usable inside ``jit``).
+
+  Raises:
+    ValueError: when the tracking state records no step angles.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import layca_jax as lx
+    >>> params = {'kernel': jnp.eye(2)}
+    >>> tx = optax.chain(lx.layca_sgd(0.1), lx.track_rotation(step_angles=True))
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'kernel': jnp.ones((2, 2))}, state, params)
+    >>> round(float(lx.tracked_step_angle(state)['kernel']), 5)  # atan(0.1)
+    0.09967
+  """
+  state = _the_tracking_state(opt_state)
+  _require_step_angles(state)
+  return state.step_angle
+
+
+def step_angle_history(opt_state: Any) -> tuple[np.ndarray, PyTree]:
+  """The step angles kept by ``track_rotation(history=N, step_angles=True)``.
+
+  Same steps and order as :func:`rotation_history`: the angle recorded at
+  step ``t`` is that of step ``t`` itself (from the params after ``t``
+  steps to those after ``t + 1``).
+
+  Args:
+    opt_state: an optimizer state holding one :func:`track_rotation` state
+      with a history buffer and step angles, at any depth.
+
+  Returns:
+    ``(steps, angles)`` on the host, as in :func:`rotation_history`: pass it
+    to :func:`replay_multipliers`, or to :meth:`RotationHistory.extend`.
+
+  Raises:
+    ValueError: when the tracking state has no history buffer or records no
+      step angles.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import layca_jax as lx
+    >>> params = {'kernel': jnp.eye(2)}
+    >>> tx = optax.chain(optax.sgd(1.0), lx.track_rotation(history=3,
+    ...                                                    step_angles=True))
+    >>> state = tx.init(params)
+    >>> for scale in (1.0, 0.0):
+    ...   _, state = tx.update({'kernel': -scale * jnp.eye(2)[::-1]}, state, params)
+    >>> steps, angles = lx.step_angle_history(state)
+    >>> steps.tolist(), [round(float(a), 4) for a in angles['kernel']]  # pi/4
+    ([0, 1], [0.7854, 0.0])
+  """
+  _require_step_angles(_the_tracking_state(opt_state))
+  return _records(opt_state, 'step_angle_history')

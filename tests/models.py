@@ -53,10 +53,12 @@ class LoRADense(nn.Module):
 class TinyLM(nn.Module):
   """A pre-LayerNorm transformer LM, every initialiser Flax's default."""
 
+  depth: int = 1   # Unrolled: each block compiles again (NnxLM scans two).
+
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(VOCAB, WIDTH)(tokens)
-    for i in range(DEPTH):
+    for i in range(self.depth):
       h = nn.LayerNorm(name=f'ln_attn_{i}')(x)
       x = x + nn.MultiHeadDotProductAttention(
           num_heads=HEADS, name=f'attn_{i}')(h, mask=nn.make_causal_mask(tokens))
