@@ -13,8 +13,7 @@ at the copy bandwidth (a read-plus-write pass over a params-sized float32
 array, timed in the same interleaved rounds) as a percentage of the measured
 time: 3 arrays for SGD, 5 for Layca-SGD's two passes (read w, g; read w, g,
 write w). The ablation rows patch the library while tracing, to show what
-the whole-tree safety switch costs and what taking ``<w,w>`` as known would
-save; neither ablation is offered by the library.
+the whole-tree safety switch costs; it is not offered by the library.
 
 Warm states (a second table): random gradients are the easy case, every
 unit well conditioned. Each Layca optimizer (SGD, SGD with momentum 0.9,
@@ -86,30 +85,6 @@ def fast_branch_always(params):
   return patched(_closed_form, use_fast=lambda *_, **__: jnp.array(True))
 
 
-def norm_taken_as_known(params):
-  """Ablation, not offered by the library: ``<w,w>`` taken as ``n0^2``
-  instead of measured (two sums instead of three). Layca keeps every norm
-  at ``n0``, but this silently goes wrong when something else changes the
-  params between steps; this row measures what it would save."""
-  fields = getattr(_closed_form.TangentSums, '_fields', None)
-  if fields != ('ww', 'dw', 'dd'):
-    raise AblationUnavailable(
-        f'written for TangentSums(ww, dw, dd); the library has {fields}')
-  specs = lx.layer_specs(params)
-  known = {spec.path: nx.unit_sum(nx.upcast(w) ** 2, spec, None)
-           for spec, w in zip(specs, jax.tree.leaves(params))
-           if spec is not None}
-
-  def two_sums(spec, w, d, axis_name):
-    w32, d32 = nx.upcast(w), nx.upcast(d)
-    return _closed_form.TangentSums(
-        known[spec.path], nx.unit_sum(d32 * w32, spec, axis_name),
-        nx.unit_sum(d32 * d32, spec, axis_name))
-
-  recipe = _closed_form.LAYCA_UPDATE._replace(sums=two_sums)
-  return patched(_closed_form, LAYCA_UPDATE=recipe)
-
-
 # name -> (make transformation, matching optax base name or None, min passes,
 #          patch of the library while tracing, for the ablation rows)
 OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation],
@@ -128,8 +103,6 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation],
                                     careful_branch_always),
     'lx.layca_sgd (ablation: no switch)': (
         lambda: lx.layca_sgd(RATE), 'optax.sgd', 5, fast_branch_always),
-    'lx.layca_sgd (ablation: <w,w> known)': (
-        lambda: lx.layca_sgd(RATE), 'optax.sgd', 5, norm_taken_as_known),
     'lx.layca_sgd(momentum=0.9)': (lambda: lx.layca_sgd(RATE, momentum=0.9),
                                    'optax.sgd(momentum=0.9)', None),
     'lx.layca_adam': (lambda: lx.layca_adam(3.0 ** -5), 'optax.adam', None),

@@ -264,6 +264,10 @@ class Trainer:
               f'val bpc {np.array2string(log["val_bpc"][-1], precision=3)} '
               f'({time.perf_counter() - start_time:.0f} s)', flush=True)
     final = np.asarray(self.evaluate(params, jnp.asarray(final_windows)))
+    # The tracker records the params it is given, before each step: add the
+    # rotation of the final params.
+    final_rotation = jax.device_get(jax.jit(jax.vmap(lx.layer_rotation))(
+        params, state[-1].init_params))
     steps = np.arange(args.steps)
 
     def chunk_means(schedule):
@@ -276,6 +280,8 @@ class Trainer:
       one = jax.tree.map(lambda a, i=i: a[i], state)
       history = lx.RotationHistory(order=self.paths)
       history.extend(*lx.rotation_history(one))
+      history.record(args.steps,
+                     jax.tree.map(lambda a, i=i: a[i], final_rotation))
       lr = lr_schedule(config.peak_lr, hyper['warmup_steps'][i], args.steps)
       angles = [lx.flatten_rotations(jax.tree.map(lambda a, i=i: a[i], chunk),
                                      self.paths) for chunk in log['angles']]

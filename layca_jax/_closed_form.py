@@ -42,17 +42,22 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from layca_jax import _numerics as nx
 from layca_jax._layers import LayerSpec
 
 # |t|^2 = <e,e> - <e,w>^2/<w,w> (e the centred step) is trusted only while it
 # keeps at least this fraction of <e,e>: rounding in the sums is then
-# amplified by at most 8x.
-_MIN_TANGENT_FRACTION = 2.0 ** -3
+# amplified by at most 64x (|t| exact to ~32 float32 epsilons, 4e-6).
+_MIN_TANGENT_FRACTION = 2.0 ** -6
+# Scaled sums up to this size are exact: an entry that could overflow when
+# squared (> 2^64) would make the sum exceed 2^128 itself, and every product
+# of the fast formulas stays in range (plain sums keep 2^60, see _numerics).
+_SCALED_SUM_MAX = 2.0 ** 100
 # Below this tangent fraction in its sample, a unit's step is centred on the
 # sample's estimate of c before it is summed.
-_CENTRE_BELOW = 2.0 ** -2
+_CENTRE_BELOW = 2.0 ** -4
 # Entries per unit read to estimate its scales and centre.
 _SAMPLE_SIZE = 64
 # Fast-branch scale exponents stay within +-_MAX_EXPONENT, so that 2**e is a
@@ -161,16 +166,39 @@ class TangentSums(NamedTuple):
   centre: jax.Array
 
 
+def _sample_positions(size: int) -> np.ndarray:
+  """``min(size, _SAMPLE_SIZE)`` positions spread over ``range(size)``.
+
+  A golden-ratio stride coprime with ``size`` visits far-apart entries, so
+  that a structured stretch (the weights of an always-zero input pixel, a
+  dead neuron, a padding row) cannot make up the whole sample.
+  """
+  if size <= _SAMPLE_SIZE:
+    return np.arange(size)
+  stride = int(size * 0.6180339887) | 1
+  while math.gcd(stride, size) != 1:
+    stride += 2
+  return (np.arange(_SAMPLE_SIZE) * stride) % size
+
+
 def _unit_sample(x: jax.Array, spec: LayerSpec) -> jax.Array:
-  """The first ``_SAMPLE_SIZE`` entries of each unit, along its flattened
-  reduced axes: shaped ``stack + (n,) + outputs`` (``outputs`` is the last
-  axis for per-neuron units, nothing otherwise)."""
-  stack = spec.stack_shape
-  outputs = spec.shape[-1:] if spec.per_neuron else ()
-  reduced = math.prod(spec.shape[a] for a in spec.reduce_axes)
-  rows = x.reshape(stack + (reduced,) + outputs)
-  return jax.lax.slice_in_dim(rows, 0, min(reduced, _SAMPLE_SIZE),
-                              axis=len(stack))
+  """Up to ``_SAMPLE_SIZE`` entries of each unit spread over its reduced
+  axes, gathered without reshaping the leaf (no relayout on tiled memory):
+  shaped ``stack + (n,) + outputs``."""
+  reduced = tuple(spec.shape[a] for a in spec.reduce_axes)
+  index = np.unravel_index(_sample_positions(math.prod(reduced)), reduced)
+  stack = (slice(None),) * len(spec.stack_shape)
+  outputs = (slice(None),) * (len(spec.shape) - len(spec.stack_shape)
+                              - len(reduced))
+  where = stack + tuple(index) + outputs
+  sharding = getattr(jax.typeof(x), 'sharding', None)
+  if sharding is not None and any(
+      getattr(sharding.mesh, 'explicit_axes', ())):
+    # Explicit sharding (jax.make_mesh's default): say where the (tiny)
+    # sample lives, replicated.
+    return x.at[where].get(out_sharding=jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec()))
+  return x[where]
 
 
 def _peak_exponent(peak: jax.Array) -> jax.Array:
@@ -190,8 +218,8 @@ def sample_estimates(spec: LayerSpec, w: jax.Array, d: jax.Array,
   step is nearly along the weights, and is 0 otherwise, so that ``<e,e>`` of
   the centred step keeps the tangent's digits. The estimates only change
   rounding, never the result in exact arithmetic: a sample that misjudges
-  its unit sends the tree to the careful branch. Shaped like the sample
-  with its sampled axis kept as 1.
+  its unit sends the tree to the careful branch. Shaped
+  ``spec.keepdims_shape``.
   """
   ws, ds = _unit_sample(nx.upcast(w), spec), _unit_sample(nx.upcast(d), spec)
   axis = len(spec.stack_shape)
@@ -209,7 +237,8 @@ def sample_estimates(spec: LayerSpec, w: jax.Array, d: jax.Array,
   usable = (sww > 0) & (sdd > 0) & jnp.isfinite(sww) & jnp.isfinite(sdd)
   c = sdw / jnp.where(usable, sww, 1.0)
   parallel = usable & (sdd - c * sdw < _CENTRE_BELOW * sdd)
-  return w_exp, d_exp, jnp.where(parallel, c, 0.0)
+  return tuple(x.reshape(spec.keepdims_shape)   # Per-unit values: tiny.
+               for x in (w_exp, d_exp, jnp.where(parallel, c, 0.0)))
 
 
 def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
@@ -221,14 +250,20 @@ def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
   one kernel, and on XLA:CPU the variadic form gave no consistent gain
   (``benchmarks/bench_sum_forms.py``).
   """
-  w_exp, d_exp, centre = (x.reshape(spec.keepdims_shape) for x in
-                          sample_estimates(spec, w, d, axis_name))
+  w_exp, d_exp, centre = sample_estimates(spec, w, d, axis_name)
   one = jnp.ones((), centre.dtype)
   w_hat = nx.upcast(w) * jnp.ldexp(one, -w_exp)
   e = minus_product(nx.upcast(d) * jnp.ldexp(one, -d_exp), centre, w_hat)
   return TangentSums(nx.unit_sum(w_hat * w_hat, spec, axis_name),
                      nx.unit_sum(e * w_hat, spec, axis_name),
                      nx.unit_sum(e * e, spec, axis_name), w_exp, d_exp, centre)
+
+
+def _in_scaled_range(sum_of_squares: jax.Array) -> jax.Array:
+  """A scaled sum of squares no entry of which matters that underflowed,
+  and far from overflow (False for NaN or Inf)."""
+  return ((sum_of_squares >= nx.SAFE_SUM_MIN)
+          & (sum_of_squares <= _SCALED_SUM_MAX))
 
 
 def tangent_is_exact(sums: TangentSums) -> jax.Array:
@@ -238,7 +273,7 @@ def tangent_is_exact(sums: TangentSums) -> jax.Array:
   keeps a tangent part without cancellation; False for non-finite units and
   for those the sample misjudged, which take the careful branch.
   """
-  ok = nx.in_safe_range(sums.ww) & (nx.in_safe_range(sums.ee)
+  ok = _in_scaled_range(sums.ww) & (_in_scaled_range(sums.ee)
                                     | (sums.ee == 0))
   ww = jnp.where(ok, sums.ww, 1.0)
   tt = sums.ee - (sums.ew / ww) * sums.ew

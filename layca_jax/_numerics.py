@@ -24,7 +24,7 @@ AxisName = Any  # str, a tuple of str, or None.
 # squares flushed to zero are each < 2^-126, so < 2^-96 over 2^30 elements,
 # far below the sum's rounding; no term can overflow, and products and
 # ratios of two such sums stay far from the float32 range.
-_SAFE_SUM_MIN = 2.0 ** -60
+SAFE_SUM_MIN = 2.0 ** -60
 _SAFE_SUM_MAX = 2.0 ** 60
 
 
@@ -46,7 +46,7 @@ def unit_sum(x: jax.Array, spec: LayerSpec, axis_name: AxisName) -> jax.Array:
 def in_safe_range(sum_of_squares: jax.Array) -> jax.Array:
   """Whether a plain float32 sum of squares can be used as it is (False for
   NaN or Inf): no underflow that matters, no overflow anywhere near."""
-  return (sum_of_squares >= _SAFE_SUM_MIN) & (sum_of_squares <= _SAFE_SUM_MAX)
+  return (sum_of_squares >= SAFE_SUM_MIN) & (sum_of_squares <= _SAFE_SUM_MAX)
 
 
 def unit_max_abs(x: jax.Array, spec: LayerSpec,

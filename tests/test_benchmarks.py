@@ -42,8 +42,7 @@ def run_benchmark(name: str, out: Path, *flags: str,
 
 def test_bench_update_rows_and_ratios(tmp_path):
   names = ['chain(layca, sgd, keep_norm)', 'lx.layca_sgd',
-           'lx.layca_sgd (careful path)', 'lx.layca_sgd (ablation: no switch)',
-           'lx.layca_sgd (ablation: <w,w> known)']
+           'lx.layca_sgd (careful path)', 'lx.layca_sgd (ablation: no switch)']
   result = run_benchmark('bench_update', tmp_path, '--warm-train', '0',
                          '--only', *names)
   rows = {r['optimizer']: r for r in result['rows']}
@@ -51,7 +50,7 @@ def test_bench_update_rows_and_ratios(tmp_path):
   assert rows['optax.sgd']['vs_sgd'] == 1.0
   # An ablation whose patch no longer fits the library says so in its row.
   skipped = {name for name, r in rows.items() if 'skipped' in r}
-  assert skipped <= {'lx.layca_sgd (ablation: <w,w> known)'}
+  assert not skipped
   for name, r in rows.items():
     if name not in skipped:
       assert r['ms'] > 0 and math.isfinite(r['vs_sgd']) and r['copy_GBps'] > 0
@@ -183,9 +182,10 @@ def test_bench_tpu_aot_whole_program_and_path_taken(tmp_path):
   assert fast['path'].endswith(':true') and careful['path'].endswith(':false')
   assert fast['whole_bytes'] > fast['path_bytes']
   assert careful['path_bytes'] > fast['path_bytes']
-  # The fast branch alone, traced by the library or by the replay: one program.
+  # The fast branch alone, traced by the library or by the replay: the same
+  # program, up to where XLA places its copies.
   assert rows['lx.layca_sgd (ablation: no switch)']['whole_bytes'] == (
-      fast['path_bytes'])
+      pytest.approx(fast['path_bytes'], rel=0.02))
   recorded, other = rows[track.format('recorded')], rows[track.format('other')]
   assert recorded['path'].startswith('_tracking.update_fn:true')
   assert other['path'] == '_tracking.update_fn:false'

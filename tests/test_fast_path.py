@@ -383,8 +383,12 @@ def _warm_tree(rng, scale):
         d[:, j] = rng.normal(size=fan_in) * 10.0 ** rng.uniform(-37, -20)
       elif k == 3 and i % 3 == 0:
         w[:, j] = 0.0
-    w_leaves[f'Dense_{i}'] = np.float32(w)
-    d_leaves[f'Dense_{i}'] = np.float32(d)
+    # XLA on CPU and TPU flushes subnormal inputs to zero: give the float64
+    # reference the values the device sees.
+    tiny = np.finfo(np.float32).tiny
+    w, d = np.float32(w), np.float32(d)
+    w_leaves[f'Dense_{i}'] = np.where(np.abs(w) < tiny, np.float32(0), w)
+    d_leaves[f'Dense_{i}'] = np.where(np.abs(d) < tiny, np.float32(0), d)
   return w_leaves, d_leaves
 
 
