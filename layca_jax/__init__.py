@@ -6,8 +6,10 @@ layer's rotation rate directly.
 
 Layout: :mod:`layca_jax._layers` (which leaves are layers, their units and
 order), :mod:`layca_jax._numerics` (safe float32 reductions),
-:mod:`layca_jax._layca` (the ``layca`` and ``keep_norm`` links),
-:mod:`layca_jax._optimizers` (the paper's optimizers),
+:mod:`layca_jax._closed_form` (every update in closed form per unit: fast
+sums, careful fallback, free units), :mod:`layca_jax._layca` (the ``layca``
+and ``keep_norm`` links), :mod:`layca_jax._optimizers` and
+:mod:`layca_jax._fused` (the paper's optimizers),
 :mod:`layca_jax._rotation` (measurement),
 :mod:`layca_jax._equilibrium` (rates from weight-decayed recipes),
 :mod:`layca_jax._tracking` (in-graph tracking and readers),

@@ -24,8 +24,8 @@ import optax
 
 from layca_jax import _closed_form as cf
 from layca_jax import _layca
-from layca_jax import _rotation
 from layca_jax import _numerics as nx
+from layca_jax import _rotation
 from layca_jax._layca import LaycaState
 from layca_jax._layers import LayerSpec, PerLeaf, UnitOptions
 
