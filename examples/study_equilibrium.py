@@ -25,7 +25,6 @@ weights outward together, which inflates the norm and shrinks the angle.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,9 @@ import numpy as np
 import optax
 
 import layca_jax as lx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # A disagreement beyond this fraction is flagged and explained in the README.
 TOLERANCE = 0.25
@@ -348,16 +350,6 @@ def plot_rotation(runs: Sequence[dict[str, Any]], path: Path) -> Path:
   return path
 
 
-def jsonable(obj: Any) -> Any:
-  if isinstance(obj, dict):
-    return {str(k): jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [jsonable(v) for v in obj]
-  if isinstance(obj, (np.ndarray, jax.Array, np.generic)):
-    return np.asarray(obj).tolist()
-  return obj
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=None,
@@ -423,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             'window': [window.start, args.steps], 'runs': runs,
             'disagreements': disagreements}
   json_path = out / 'equilibrium.json'
-  json_path.write_text(json.dumps(jsonable(result), indent=1) + '\n')
+  _report.write_json(json_path, result)
   print(table(runs, paths))
   print(f'* = measured/predicted off by more than {TOLERANCE:.0%}; angles in '
         f'radians per step, mean over steps {window.start}-{args.steps} and '

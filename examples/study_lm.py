@@ -30,7 +30,6 @@ parameters follow Adam at the AdamW learning-rate schedule, without decay.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -44,6 +43,9 @@ import numpy as np
 import optax
 
 import layca_jax as lx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PyTree = Any
 LN2 = math.log(2.0)
@@ -389,16 +391,6 @@ def plot(runs: Sequence[dict[str, Any]], names: Sequence[str], path: Path
   return path
 
 
-def jsonable(obj: Any) -> Any:
-  if isinstance(obj, dict):
-    return {str(k): jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [jsonable(v) for v in obj]
-  if isinstance(obj, (np.ndarray, jax.Array, np.generic)):
-    return np.asarray(obj).tolist()
-  return obj
-
-
 # ---------------------------------------------------------------------------
 # Main.
 
@@ -532,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             'table': rows, 'checks': checks, 'runs': runs,
             'seconds': time.perf_counter() - started}
   json_path = out / 'lm.json'
-  json_path.write_text(json.dumps(jsonable(result), indent=1) + '\n')
+  _report.write_json(json_path, result)
   print_table(rows, args.chunk)
   print(f"tuned AdamW lr {best:g}; part 1's Layca rate at its peak "
         f'{rate:.3e} (angle {result["equilibrium_angle"]:.3e} rad/step); best '
