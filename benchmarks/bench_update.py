@@ -37,7 +37,10 @@ the whole-tree switch took.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -147,17 +150,40 @@ def update_loop(tx: optax.GradientTransformation, steps: int,
   return run
 
 
-def compiled_loop(tx: optax.GradientTransformation, params, grads, steps: int,
-                  state=None, patch: Callable | None = None,
-                  fixed: bool = False):
-  """A zero-argument function running ``update_loop(tx, steps, fixed)`` from
-  ``(params, state)`` (``tx.init(params)`` by default), compiled (under
-  ``patch(params)`` when given) and run once."""
+def lowered_loop(tx: optax.GradientTransformation, params, grads, steps: int,
+                 state=None, patch: Callable | None = None,
+                 fixed: bool = False) -> tuple[Any, tuple]:
+  """``update_loop(tx, steps, fixed)`` traced and lowered (under
+  ``patch(params)`` when given) from ``(params, state)`` (``tx.init(params)``
+  by default), and its arguments."""
   state = tx.init(params) if state is None else state
   run = update_loop(tx, steps, fixed)
   with patch(params) if patch else contextlib.nullcontext():
-    jax.block_until_ready(run(params, state, grads))  # Traces under the patch.
-  return lambda: run(params, state, grads)
+    return run.trace(params, state, grads).lower(), (params, state, grads)
+
+
+def compile_all(lowered: dict[Any, tuple[Any, tuple]]
+                ) -> dict[Any, Callable[[], Any]]:
+  """Compiles every ``lowered_loop`` of ``lowered`` on parallel threads (XLA
+  releases the GIL while it compiles; ResNet-50 rows take ~20 s each on a
+  GPU host) and returns zero-argument functions running them, run once."""
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    compiled = dict(zip(lowered, pool.map(lambda item: item[0].compile(),
+                                          lowered.values())))
+  runs = {key: functools.partial(compiled[key], *args)
+          for key, (_, args) in lowered.items()}
+  for run in runs.values():
+    jax.block_until_ready(run())
+  return runs
+
+
+def compiled_loop(tx: optax.GradientTransformation, params, grads, steps: int,
+                  state=None, patch: Callable | None = None,
+                  fixed: bool = False) -> Callable[[], Any]:
+  """A zero-argument function running ``lowered_loop(...)``, compiled and
+  run once."""
+  return compile_all({0: lowered_loop(tx, params, grads, steps, state, patch,
+                                      fixed)})[0]
 
 
 def random_inputs(shapes: dict[str, tuple[int, ...]]):
@@ -181,17 +207,17 @@ def bench_model(model: str, divisor: int, steps: int, repeats: int,
   shapes = common.MODELS[model](divisor)
   params, grads = random_inputs(shapes)
   param_bytes = common.tree_bytes(params)
-  loops, skipped = {COPY: common.copy_loop(param_bytes, steps)}, []
+  lowered, skipped = {}, []
   for name in names:
     make, _, _, *patch = OPTIMIZERS[name]
     try:
-      loops[name] = compiled_loop(make(), params, grads, steps,
-                                  patch=patch[0] if patch else None)
+      lowered[name] = lowered_loop(make(), params, grads, steps,
+                                   patch=patch[0] if patch else None)
     except AblationUnavailable as e:
       print(f'  skipped {model} {name}: {e}', flush=True)
       skipped.append({'model': model, 'optimizer': name, 'skipped': str(e)})
-      continue
-    print(f'  compiled {model} {name}', flush=True)
+  loops = {COPY: common.copy_loop(param_bytes, steps), **compile_all(lowered)}
+  print(f'  compiled {model}: {", ".join(lowered)}', flush=True)
   names = [n for n in names if n in loops]
   times = common.time_interleaved(loops, repeats)
   bandwidth = common.copy_bandwidth(times.pop(COPY), param_bytes, steps)
@@ -335,6 +361,32 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
           'dead': int(dead.sum()), 'parallel': int(parallel.sum())}
 
 
+def jitted_branch(tx: optax.GradientTransformation, params, state,
+                  grads) -> str:
+  """The branch the whole-tree switch takes in the *jitted* update on this
+  device ('fast', 'careful', or 'no switch'): the compiled program's
+  rounding (fused multiply-adds, reduction order) can differ from the eager
+  one the census runs."""
+  use_fast = getattr(_closed_form, 'use_fast', None)
+  if use_fast is None:
+    return 'unavailable: layca_jax._closed_form.use_fast is gone'
+  predicates = []
+
+  def spy(*args, **kwargs):
+    predicates.append(use_fast(*args, **kwargs))
+    return predicates[-1]
+
+  def update(params, state, grads):
+    predicates.clear()
+    tx.update(grads, state, params)
+    return list(predicates)
+
+  with patched(_closed_form, use_fast=spy):
+    taken = [bool(p) for p in jax.jit(update)(params, state, grads)]
+  return ('no switch' if not taken else 'fast' if all(taken)
+          else 'careful' if not any(taken) else 'fast and careful')
+
+
 def unit_sums(spec, w: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, ...]:
   """``<w,w>``, ``<d,w>``, ``<d,d>`` per unit (flat), the units being the
   axes that ``spec.keepdims_shape`` keeps."""
@@ -361,7 +413,8 @@ def bench_warm(names: list[str], width: int, train_steps: int, steps: int,
     jax.block_until_ready(run(params, state, grads))
     loops[key] = lambda: run(params, state, grads)
     if row.get('base'):  # A Layca row: what it meets there.
-      row.update(census(tx, params, state, grads))
+      row.update(census(tx, params, state, grads),
+                 branch_jit=jitted_branch(tx, params, state, grads))
     rows[key] = {**row, 'state': key[-1]}
 
   fresh = None
@@ -404,7 +457,7 @@ def bench_warm(names: list[str], width: int, train_steps: int, steps: int,
 
 WARM_COLUMNS = ['optimizer', 'units', 'state', 'ms', 'min_ms', 'vs_sgd',
                 'vs_base', 'warm_vs_fresh', 'warm_vs_fresh_min', 'unit_count',
-                'dead', 'parallel', 'branch']
+                'dead', 'parallel', 'branch', 'branch_jit']
 
 
 def main() -> None:

@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
-# Every GPU row of benchmarks/README.md, in one go (~10 minutes on an H100/H200).
+# Every GPU row of benchmarks/README.md, in one go (~10 minutes on an H100/H200),
+# or only the steps named:  bash benchmarks/gpu_all.sh [update warm train sums
+# rotation torch cond]
 # Writes JSON (and a log) under $OUT (default: benchmarks/results/gpu).
-# Run from the repository root:  bash benchmarks/gpu_all.sh
+# Run from the repository root.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+STEPS=${*:-update warm train sums rotation torch cond}
 cd benchmarks
+# Each step has its own time limit so that one slow step cannot eat the rest.
+step() {  # step NAME SECONDS SCRIPT ARGS...
+  local name=$1 limit=$2
+  shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
+  echo "== $name (limit ${limit}s, $(date +%T))"
+  timeout "$limit" $PY "$@" || echo "== $name: exit $? (124: time limit)"
+}
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import jax, optax, flax; print('jax', jax.__version__, jax.devices(), 'optax', optax.__version__, 'flax', flax.__version__)"
-  # Each step has its own time limit so that one slow step cannot eat the rest.
-  timeout 240 $PY bench_update.py --full --steps 50 --repeats 10 --warm-train 0 --json "$OUT/bench_update.json"
+  step cond 90 bench_cond_sync.py --json "$OUT/bench_cond_sync.json"
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+    step cond 90 bench_cond_sync.py --json "$OUT/bench_cond_sync_no_graphs.json"
+  step update 240 bench_update.py --full --steps 50 --repeats 10 --warm-train 0 --json "$OUT/bench_update.json"
   # Warm states (needs scikit-learn): the update at states real training reaches.
-  timeout 120 $PY bench_update.py --models --steps 50 --repeats 10 --json "$OUT/bench_update_warm.json"
-  timeout 60  $PY bench_rotation.py --full --steps 50 --repeats 10 --json "$OUT/bench_rotation.json"
-  timeout 120 $PY bench_train_step.py --full --steps 20 --repeats 10 --json "$OUT/bench_train_step.json"
-  timeout 60  $PY bench_sum_forms.py --full --steps 50 --repeats 10 --json "$OUT/bench_sum_forms.json"
-  timeout 90  $PY bench_torch.py --full --steps 50 --repeats 10 --json "$OUT/bench_torch.json"
-} 2>&1 | tee "$OUT/gpu_all.log"
+  step warm 120 bench_update.py --models --steps 50 --repeats 10 --json "$OUT/bench_update_warm.json"
+  step train 120 bench_train_step.py --full --steps 20 --repeats 10 --json "$OUT/bench_train_step.json"
+  step sums 60 bench_sum_forms.py --full --steps 50 --repeats 10 --json "$OUT/bench_sum_forms.json"
+  step rotation 120 bench_rotation.py --full --steps 50 --repeats 10 --json "$OUT/bench_rotation.json"
+  step torch 150 bench_torch.py --full --steps 50 --repeats 10 --json "$OUT/bench_torch.json"
+} 2>&1 | tee -a "$OUT/gpu_all.log"

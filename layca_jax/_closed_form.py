@@ -209,48 +209,70 @@ def _peak_exponent(peak: jax.Array) -> jax.Array:
   return jnp.where(usable, jnp.clip(e, -_MAX_EXPONENT, _MAX_EXPONENT), 0)
 
 
-def sample_estimates(spec: LayerSpec, w: jax.Array, d: jax.Array,
-                     axis_name) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(w_exp, d_exp, centre)`` per unit, from a sample of each unit.
+def _sample_rows(x: jax.Array, spec: LayerSpec) -> jax.Array:
+  """:func:`_unit_sample` as one row per unit, ``(units, _SAMPLE_SIZE)``,
+  units in the order of ``spec.keepdims_shape``, zero-padded (zeros change
+  neither a unit's largest entry nor its sums)."""
+  sample = _unit_sample(x, spec)
+  axis = len(spec.stack_shape)
+  rows = jnp.moveaxis(sample, axis, -1).reshape(-1, sample.shape[axis])
+  return jnp.pad(rows, ((0, 0), (0, _SAMPLE_SIZE - rows.shape[1])))
+
+
+Estimates = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def sample_estimates(specs: Sequence[LayerSpec], w_leaves: Sequence[jax.Array],
+                     d_leaves: Sequence[jax.Array], axis_name) -> list[Estimates]:
+  """Per leaf, ``(w_exp, d_exp, centre)`` per unit, from a sample of each unit.
 
   The exponents bring the sample's largest entries into ``[0.5, 1)``; the
   centre estimates ``c`` (in those scaled units) when the sample says the
   step is nearly along the weights, and is 0 otherwise, so that ``<e,e>`` of
   the centred step keeps the tangent's digits. The estimates only change
   rounding, never the result in exact arithmetic: a sample that misjudges
-  its unit sends the tree to the careful branch. Shaped
+  its unit sends the tree to the careful branch. The samples of all leaves
+  (sharing ``axis_name``) are laid end to end first: the statistics are a
+  few small kernels for the whole tree, not a few per leaf. Each shaped
   ``spec.keepdims_shape``.
   """
-  ws, ds = _unit_sample(nx.upcast(w), spec), _unit_sample(nx.upcast(d), spec)
-  axis = len(spec.stack_shape)
+  def rows(leaves):
+    return jnp.concatenate([_sample_rows(nx.upcast(x), spec)
+                            for x, spec in zip(leaves, specs)])
 
   def reduce(x, op, collective):
-    r = op(x, axis=axis, keepdims=True)
+    r = op(x, axis=1)
     return collective(r, axis_name) if axis_name is not None else r
 
+  ws, ds = rows(w_leaves), rows(d_leaves)
   w_exp = _peak_exponent(reduce(jnp.abs(ws), jnp.max, jax.lax.pmax))
   d_exp = _peak_exponent(reduce(jnp.abs(ds), jnp.max, jax.lax.pmax))
-  ws, ds = nx.scale_pow2(ws, -w_exp), nx.scale_pow2(ds, -d_exp)
+  ws = nx.scale_pow2(ws, -w_exp[:, None])
+  ds = nx.scale_pow2(ds, -d_exp[:, None])
   sww = reduce(ws * ws, jnp.sum, jax.lax.psum)
   sdw = reduce(ds * ws, jnp.sum, jax.lax.psum)
   sdd = reduce(ds * ds, jnp.sum, jax.lax.psum)
   usable = (sww > 0) & (sdd > 0) & jnp.isfinite(sww) & jnp.isfinite(sdd)
   c = sdw / jnp.where(usable, sww, 1.0)
   parallel = usable & (sdd - c * sdw < _CENTRE_BELOW * sdd)
-  return tuple(x.reshape(spec.keepdims_shape)   # Per-unit values: tiny.
-               for x in (w_exp, d_exp, jnp.where(parallel, c, 0.0)))
+  layout = UnitLayout(specs)
+  return list(zip(*(layout.split(x) for x in
+                    (w_exp, d_exp, jnp.where(parallel, c, 0.0)))))
 
 
-def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
-                 axis_name) -> TangentSums:
+def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array, axis_name,
+                 estimates: Estimates | None = None) -> TangentSums:
   """The sums of the fast tangent, shaped ``spec.keepdims_shape``.
 
   In float32 or wider, ``psum``-ed over ``axis_name``. Three plain sums
   rather than one variadic reduction: XLA:GPU fuses sibling reductions into
   one kernel, and on XLA:CPU the variadic form gave no consistent gain
-  (``benchmarks/bench_sum_forms.py``).
+  (``benchmarks/bench_sum_forms.py``). ``estimates`` are this leaf's
+  :func:`sample_estimates` (taken here when not given).
   """
-  w_exp, d_exp, centre = sample_estimates(spec, w, d, axis_name)
+  if estimates is None:
+    estimates = sample_estimates([spec], [w], [d], axis_name)[0]
+  w_exp, d_exp, centre = estimates
   one = jnp.ones((), centre.dtype)
   w_hat = nx.upcast(w) * jnp.ldexp(one, -w_exp)
   e = minus_product(nx.upcast(d) * jnp.ldexp(one, -d_exp), centre, w_hat)
@@ -571,7 +593,9 @@ class Recipe(NamedTuple):
   ``fast(sums, n0, *per_unit)`` and ``free(sums, n0, *per_unit)`` work on
   all units of a group at once (concatenated); ``careful(spec, w, d, n0,
   *per_unit, axis_name)`` on one leaf. ``free`` gives the coefficients of
-  units whose initial norm ``n0`` is zero.
+  units whose initial norm ``n0`` is zero. ``estimates(specs, ws, ds,
+  axis_name)``, when given, is taken once for the leaves of a group that
+  share ``axis_name`` and passed on to each leaf's ``sums``.
   """
 
   sums: Callable[..., Any]
@@ -579,15 +603,35 @@ class Recipe(NamedTuple):
   fast: Callable[..., Coefficients]
   careful: Callable[..., Coefficients]
   free: Callable[..., Coefficients]
+  estimates: Callable[..., list[Any]] | None = None
 
 
 LAYCA_STEP = Recipe(tangent_sums, tangent_is_exact, fast_layca_step,
-                    careful_layca_step, _step_free)
+                    careful_layca_step, _step_free, sample_estimates)
 BACK_ON_SPHERE = Recipe(sphere_sums, sphere_is_exact, fast_back_on_sphere,
                         careful_back_on_sphere,
                         lambda sums, n0: _sphere_free(sums, n0))
 LAYCA_UPDATE = Recipe(tangent_sums, tangent_is_exact, fast_layca_update,
-                      careful_layca_update, _update_free)
+                      careful_layca_update, _update_free, sample_estimates)
+
+
+def leaf_sums(recipe: Recipe, specs: Sequence[LayerSpec],
+              w_leaves: Sequence[jax.Array], d_leaves: Sequence[jax.Array],
+              axis_names: Sequence[Any]) -> list[NamedTuple]:
+  """``recipe.sums`` of each leaf, its estimates taken once per mesh axis."""
+  extra: list[tuple] = [()] * len(specs)
+  if recipe.estimates is not None:
+    by_axis: dict[Any, list[int]] = {}
+    for k, axis_name in enumerate(axis_names):
+      by_axis.setdefault(axis_name, []).append(k)
+    for axis_name, ks in by_axis.items():
+      estimates = recipe.estimates([specs[k] for k in ks],
+                                   [w_leaves[k] for k in ks],
+                                   [d_leaves[k] for k in ks], axis_name)
+      for k, leaf_estimates in zip(ks, estimates):
+        extra[k] = (leaf_estimates,)
+  return [recipe.sums(spec, w, d, axis_name, *more) for spec, w, d, axis_name,
+          more in zip(specs, w_leaves, d_leaves, axis_names, extra)]
 
 
 def fast_serves(recipe: Recipe, sums: NamedTuple, n0: jax.Array) -> jax.Array:
@@ -642,9 +686,11 @@ def coefficients(recipe: Recipe, specs: Sequence[LayerSpec | None],
     flat = [layout.concat([jnp.asarray(values[i]).astype(dtype)
                            for i in ids])
             for values in (n0s, *per_unit)]
-    sums = layout.concat_fields([
-        recipe.sums(specs[i], w_leaves[i].astype(dtype),
-                    d_leaves[i].astype(dtype), axis_names[i]) for i in ids])
+    sums = layout.concat_fields(leaf_sums(
+        recipe, [specs[i] for i in ids],
+        [w_leaves[i].astype(dtype) for i in ids],
+        [d_leaves[i].astype(dtype) for i in ids],
+        [axis_names[i] for i in ids]))
     prepared.append((ids, layout, flat, sums))
 
   def fast():

@@ -449,3 +449,30 @@ def test_fast_branch_on_warm_states_follows_algorithm1(seed, w_exp, rate):
       np.testing.assert_allclose(np.linalg.norm(new[:, j]), n0, rtol=1e-6)
       np.testing.assert_allclose(new[:, j], want, rtol=0,
                                  atol=2e-4 * n0, err_msg=f'{name}:{j}')
+
+
+@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2 ** 16),
+                  scales=st.lists(st.integers(-120, 120), min_size=4,
+                                  max_size=4))
+def test_estimates_of_a_group_are_each_leafs_own(seed, scales):
+  """The samples of all leaves are laid end to end for one set of
+  statistics (zero-padded to the sample size): each leaf gets exactly the
+  estimates it gets alone, whatever its unit count, sample size (below and
+  above _SAMPLE_SIZE), stacking or scale."""
+  rng = np.random.default_rng(seed)
+  specs = [LayerSpec('a', (3, 5), 0, False), LayerSpec('b', (40, 30), 0, True),
+           LayerSpec('c', (2, 9, 16, 8), 1, True),
+           LayerSpec('d', (4, 300), 1, False)]
+  ws, ds = [], []
+  for spec, e in zip(specs, scales):
+    w = rng.normal(size=spec.shape)
+    d = 3.0 * w + rng.normal(size=spec.shape) * 10.0 ** rng.uniform(-6, 0)
+    ws.append(jnp.asarray(np.ldexp(w, e), jnp.float32))
+    ds.append(jnp.asarray(np.ldexp(d, -e), jnp.float32))
+  together = cf.sample_estimates(specs, ws, ds, None)
+  for spec, w, d, group in zip(specs, ws, ds, together):
+    (alone,) = cf.sample_estimates([spec], [w], [d], None)
+    for x, y in zip(group, alone):
+      assert x.shape == spec.keepdims_shape
+      np.testing.assert_array_equal(x, y)
