@@ -455,6 +455,8 @@ def bench_warm(names: list[str], width: int, train_steps: int, steps: int,
   return list(rows.values())
 
 
+COLUMNS = ['model', 'optimizer', 'ms', 'min_ms', 'vs_sgd', 'vs_sgd_min',
+           'vs_base', 'vs_base_min', 'roof_%', 'skipped']
 WARM_COLUMNS = ['optimizer', 'units', 'state', 'ms', 'min_ms', 'vs_sgd',
                 'vs_base', 'warm_vs_fresh', 'warm_vs_fresh_min', 'unit_count',
                 'dead', 'parallel', 'branch', 'branch_jit']
@@ -488,6 +490,10 @@ def main() -> None:
   rows = []
   for model in args.models:
     rows += bench_model(model, divisor, steps, repeats, names)
+    # Each model's rows as soon as they are timed: a time limit that cuts a
+    # later model short keeps them in the log.
+    common.print_table([r for r in rows if r['model'] == model], COLUMNS,
+                       f'{model} ({info["device"]})')
   warm_rows, warm_steps = [], args.warm_steps or (200 if common.on_cpu()
                                                   else 1000)
   if args.warm_train:
@@ -499,9 +505,7 @@ def main() -> None:
         f'Update step at warm and fresh states, {args.warm_width}-wide MLP on '
         f'the digits, {args.warm_train} training steps, {warm_steps} steps '
         f'per call ({info["device"]})')
-  common.report('bench_update', rows,
-                ['model', 'optimizer', 'ms', 'min_ms', 'vs_sgd', 'vs_sgd_min',
-                 'vs_base', 'vs_base_min', 'roof_%', 'skipped'],
+  common.report('bench_update', rows, COLUMNS,
                 'Update step, device-side', args, info, steps=steps,
                 repeats=repeats, warm_rows=warm_rows, warm_steps=warm_steps)
 

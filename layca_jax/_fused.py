@@ -139,7 +139,9 @@ def fused_layca(
       # The direction is read by the sample, the sums and the elementwise
       # pass: left to XLA, each recomputes it from the base state (XLA:TPU:
       # Adam's bytes 3.9x optax.adam instead of 2.6x; benchmarks/README.md).
-      directions = jax.lax.optimization_barrier(directions)
+      # One barrier per leaf: under shard_map, one for the whole tuple would
+      # make a replicated leaf's direction vary along the mesh axes.
+      directions = jax.tree.map(jax.lax.optimization_barrier, directions)
     # optax moments of integer leaves come back float32: keep the state's
     # dtypes fixed, as lax.scan carries and optax.apply_if_finite need.
     base_state = jax.tree.map(lambda new, old: new.astype(old.dtype),
