@@ -58,6 +58,29 @@ def _finite_units(spec: LayerSpec, x: jax.Array, axis_name) -> jax.Array:
   return jnp.isfinite(nx.unit_max_abs(x, spec, axis_name))
 
 
+def _computed_once(directions: Any) -> Any:
+  """``directions`` behind ``optimization_barrier``: computed once, then read.
+
+  The sample, the sums and the elementwise pass all read the direction; left
+  to XLA, each recomputes it from the base state (XLA:TPU, GPT-2-small:
+  Adam's bytes 3.9x ``optax.adam`` instead of 2.6x; benchmarks/README.md).
+  One barrier for all leaves measured less than one per leaf (2.6x against
+  3.0x), but under ``shard_map`` a barrier makes all its operands vary along
+  the mesh axes any of them varies along: leaves are grouped by those axes.
+  """
+  leaves, treedef = jax.tree.flatten(directions)
+  groups: dict[Any, list[int]] = {}
+  for i, leaf in enumerate(leaves):
+    aval = jax.typeof(leaf)  # Older jax names the varying axes `vma`.
+    key = (getattr(aval, 'manual_axis_type', None), getattr(aval, 'vma', None))
+    groups.setdefault(key, []).append(i)
+  for ids in groups.values():
+    barred = jax.lax.optimization_barrier([leaves[i] for i in ids])
+    for i, leaf in zip(ids, barred):
+      leaves[i] = leaf
+  return treedef.unflatten(leaves)
+
+
 def _rate_value(rate: Rate, count: jax.Array) -> jax.Array:
   """The rate at ``count``, floating (float32 unless given wider: each layer
   then takes it in its own accumulation dtype)."""
@@ -136,12 +159,7 @@ def fused_layca(
     directions, base_state = base.update(treedef.unflatten(base_in),
                                          state.base, params)
     if base_has_state:
-      # The direction is read by the sample, the sums and the elementwise
-      # pass: left to XLA, each recomputes it from the base state (XLA:TPU:
-      # Adam's bytes 3.9x optax.adam instead of 2.6x; benchmarks/README.md).
-      # One barrier per leaf: under shard_map, one for the whole tuple would
-      # make a replicated leaf's direction vary along the mesh axes.
-      directions = jax.tree.map(jax.lax.optimization_barrier, directions)
+      directions = _computed_once(directions)
     # optax moments of integer leaves come back float32: keep the state's
     # dtypes fixed, as lax.scan carries and optax.apply_if_finite need.
     base_state = jax.tree.map(lambda new, old: new.astype(old.dtype),
