@@ -476,3 +476,38 @@ def test_estimates_of_a_group_are_each_leafs_own(seed, scales):
     for x, y in zip(group, alone):
       assert x.shape == spec.keepdims_shape
       np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize('make', [
+    lambda: lx.layca_sgd(0.1, momentum=0.9), lambda: lx.layca_adam(0.1)],
+    ids=['momentum', 'adam'])
+def test_vmapped_and_differentiated_updates(make):
+  """An ensemble (``jax.vmap`` over members) gets each member's own update,
+  and an update can be differentiated (``jax.jvp``, as meta-learning does):
+  the barrier that makes a stateful base's direction be computed once is
+  transparent to both."""
+  rng = np.random.default_rng(5)
+  members = [{'k': jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+              'b': jnp.zeros(4)} for _ in range(3)]
+  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape),
+                                              jnp.float32), m) for m in members]
+  tx = make()
+  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+  def step(params, grads):
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    updates, _ = tx.update(grads, state, optax.apply_updates(params, updates))
+    return updates
+
+  batched = jax.vmap(step)(stack(members), stack(grads))
+  for i, (p, g) in enumerate(zip(members, grads)):
+    # To float32 rounding: batched sums may add in another order.
+    np.testing.assert_allclose(batched['k'][i], step(p, g)['k'], rtol=1e-5,
+                               atol=1e-6)
+  tangent = jax.tree.map(jnp.ones_like, grads[0])
+  value, derivative = jax.jvp(lambda g: step(members[0], g), (grads[0],),
+                              (tangent,))
+  np.testing.assert_allclose(value['k'], step(members[0], grads[0])['k'],
+                             rtol=1e-6)
+  assert np.all(np.isfinite(derivative['k']))
