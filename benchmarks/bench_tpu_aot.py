@@ -64,6 +64,7 @@ import optax
 import _common as common
 import bench_update
 import layca_jax as lx
+from layca_jax import _closed_form
 
 SGD = 'optax.sgd'
 FLOOR = 'floor: two-pass closed form (this script)'
@@ -345,6 +346,9 @@ def main() -> None:
   missing = libtpu_missing()
   if missing:
     raise SystemExit(missing)
+  # Traced here with the CPU backend: trace the library as a TPU backend
+  # does (one switch per layer leaf, _closed_form.switch_per_leaf).
+  _closed_form.switch_per_leaf = lambda: True
   if args.json is None:
     args.json = common.RESULTS_DIR / 'bench_tpu_aot.json'
   sharding = tpu_sharding(args.topology)

@@ -649,6 +649,20 @@ def _select(where: jax.Array, a: Coefficients, b: Coefficients) -> Coefficients:
   return Coefficients(*(jnp.where(where, x, y) for x, y in zip(a, b)))
 
 
+def switch_per_leaf() -> bool:
+  """Whether each layer leaf gets its own switch, rather than one for the tree.
+
+  With one switch, every leaf's elementwise pass waits for every leaf's sums,
+  so no leaf's ``w`` and ``d`` can stay in on-chip memory between its two
+  passes: XLA:TPU then reads them from HBM twice (GPT-2-small: 1.70x the bytes
+  of ``optax.sgd`` against 1.32x with a switch per leaf; benchmarks/README.md).
+  On GPU each conditional costs tens of microseconds of latency per step, so
+  elsewhere the tree keeps one. Decided when tracing, from the default
+  backend; either way gives the same update.
+  """
+  return jax.default_backend() == 'tpu'
+
+
 def coefficients(recipe: Recipe, specs: Sequence[LayerSpec | None],
                  w_leaves: Sequence[jax.Array], d_leaves: Sequence[jax.Array],
                  axis_names: Sequence[Any], n0s: Sequence[Any],
@@ -657,9 +671,11 @@ def coefficients(recipe: Recipe, specs: Sequence[LayerSpec | None],
 
   Leaves are grouped by accumulation dtype (float32, or the params' own
   wider dtype), so that each is computed at its own precision and keeps it.
-  The fast branch serves every unit if it is exact on every unit; otherwise
-  the careful one does, behind one ``lax.cond`` for the whole tree. Free
-  units (``n0 == 0``) follow ``recipe.free`` on either branch.
+  The fast branch serves the leaves behind one switch if it is exact on
+  every unit of theirs; otherwise the careful one does, behind one
+  ``lax.cond`` for the whole tree (one per leaf where
+  :func:`switch_per_leaf`). Free units (``n0 == 0``) follow ``recipe.free``
+  on either branch.
 
   Args:
     recipe: which update.
@@ -671,14 +687,26 @@ def coefficients(recipe: Recipe, specs: Sequence[LayerSpec | None],
       layer's ``keepdims_shape`` (rates, multipliers).
   """
   out: list[Coefficients | None] = [None] * len(specs)
+  layers = [i for i, spec in enumerate(specs) if spec is not None]
+  switched = [[i] for i in layers] if switch_per_leaf() else [layers]
+  for ids in switched:
+    if ids:
+      out_ids = _switched_coefficients(recipe, specs, w_leaves, d_leaves,
+                                       axis_names, n0s, per_unit, ids)
+      for i, coef in out_ids.items():
+        out[i] = coef
+  return out
+
+
+def _switched_coefficients(recipe: Recipe, specs, w_leaves, d_leaves,
+                           axis_names, n0s, per_unit,
+                           layer_ids: list[int]) -> dict[int, Coefficients]:
+  """:func:`coefficients` of the leaves ``layer_ids``, behind one switch."""
   groups: dict[Any, list[int]] = {}
-  for i, spec in enumerate(specs):
-    if spec is not None:
-      dtype = jnp.promote_types(nx.accumulation_dtype(w_leaves[i].dtype),
-                                nx.accumulation_dtype(d_leaves[i].dtype))
-      groups.setdefault(jnp.dtype(dtype), []).append(i)
-  if not groups:
-    return out
+  for i in layer_ids:
+    dtype = jnp.promote_types(nx.accumulation_dtype(w_leaves[i].dtype),
+                              nx.accumulation_dtype(d_leaves[i].dtype))
+    groups.setdefault(jnp.dtype(dtype), []).append(i)
 
   prepared = []
   for dtype, ids in groups.items():
@@ -708,6 +736,7 @@ def coefficients(recipe: Recipe, specs: Sequence[LayerSpec | None],
   serves = [fast_serves(recipe, sums, flat[0])
             for _, _, flat, sums in prepared]
   chosen = jax.lax.cond(use_fast(serves), fast, careful)
+  out = {}
   for (ids, layout, flat, sums), coef in zip(prepared, chosen):
     coef = _select(flat[0] == 0, recipe.free(sums, *flat), coef)
     for i, leaf_coef in zip(ids, layout.split_fields(coef)):

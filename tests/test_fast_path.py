@@ -511,3 +511,41 @@ def test_vmapped_and_differentiated_updates(make):
   np.testing.assert_allclose(value['k'], step(members[0], grads[0])['k'],
                              rtol=1e-6)
   assert np.all(np.isfinite(derivative['k']))
+
+
+@pytest.mark.parametrize('make', [
+    lambda: lx.layca_sgd(0.1),
+    lambda: chain_of_links(optax.identity(), 0.1)], ids=['fused', 'links'])
+def test_a_switch_per_leaf_keeps_the_other_leaves_fast(make, monkeypatch):
+  """With one switch per leaf (what a TPU backend traces), a leaf whose
+  sample misjudges it (one entry 2^70 outside its sample) takes the careful
+  branch alone, the other leaf keeps the fast one, and the update is the
+  whole-tree switch's and Algorithm 1's."""
+  rng = np.random.default_rng(4)
+  w = {'a': rng.normal(size=(8, 6)), 'b': rng.normal(size=(16, 8))}
+  g = {k: rng.normal(size=v.shape) for k, v in w.items()}
+  unsampled = sorted(set(range(16 * 8)) - set(cf._sample_positions(16 * 8)))
+  g['b'].flat[unsampled[0]] = 2.0 ** 70
+  params = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
+  grads = {k: jnp.asarray(v, jnp.float32) for k, v in g.items()}
+
+  original = cf.use_fast
+
+  def update(per_leaf):
+    monkeypatch.setattr(cf, 'switch_per_leaf', lambda: per_leaf)
+    decisions = []
+    monkeypatch.setattr(cf, 'use_fast', lambda serves: decisions.append(
+        bool(original(serves))) or decisions[-1])
+    tx = make()
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return optax.apply_updates(params, updates), decisions
+
+  per_leaf, per_leaf_decisions = update(True)
+  whole, whole_decisions = update(False)
+  # The tangent step's switches come first (keep_norm's follow in the chain).
+  assert whole_decisions[0] is False
+  assert per_leaf_decisions[:2] == [True, False]  # 'a' fast, 'b' careful.
+  for k in w:
+    want = reference.layca_step(w[k], g[k], np.linalg.norm(w[k]), 0.1)
+    assert relative_error(per_leaf[k], want) < 1e-5
+    assert relative_error(per_leaf[k], whole[k]) < 1e-5
