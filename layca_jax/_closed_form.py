@@ -27,9 +27,10 @@ from a small sample of each unit), so that zero steps, dead units, extreme
 scales and steps nearly along the weights (stale momentum) are exact there.
 Only when some unit is still out of reach (non-finite values, a sample that
 misjudged the unit's scale or centre) does a single ``lax.cond`` over the
-whole tree compute the coefficients the careful way (sums of values scaled
-by exact powers of two, the tangent's norm measured on the projected step,
-the result measured and put back on its sphere). Either branch returns only
+whole tree (one per layer leaf on TPU: :func:`switch_per_leaf`) compute the
+coefficients the careful way (sums of values scaled by exact powers of two,
+the tangent's norm measured on the projected step, the result measured and
+put back on its sphere). Either branch returns only
 per-unit coefficients, so the elementwise pass stays outside the ``cond`` and
 fuses with what consumes it.
 """
@@ -231,10 +232,10 @@ def sample_estimates(specs: Sequence[LayerSpec], w_leaves: Sequence[jax.Array],
   step is nearly along the weights, and is 0 otherwise, so that ``<e,e>`` of
   the centred step keeps the tangent's digits. The estimates only change
   rounding, never the result in exact arithmetic: a sample that misjudges
-  its unit sends the tree to the careful branch. The samples of all leaves
-  (sharing ``axis_name``) are laid end to end first: the statistics are a
-  few small kernels for the whole tree, not a few per leaf. Each shaped
-  ``spec.keepdims_shape``.
+  its unit sends that unit's switch to the careful branch. The samples of
+  all leaves given (sharing ``axis_name``) are laid end to end first: the
+  statistics are a few small kernels for all of them, not a few per leaf.
+  Each shaped ``spec.keepdims_shape``.
   """
   def rows(leaves):
     return jnp.concatenate([_sample_rows(nx.upcast(x), spec)

@@ -62,11 +62,12 @@ def _computed_once(directions: Any) -> Any:
   """``directions`` behind ``optimization_barrier``: computed once, then read.
 
   The sample, the sums and the elementwise pass all read the direction; left
-  to XLA, each recomputes it from the base state (XLA:TPU, GPT-2-small:
-  Adam's bytes 3.9x ``optax.adam`` instead of 2.6x; benchmarks/README.md).
-  One barrier for all leaves measured less than one per leaf (2.6x against
-  3.0x), but under ``shard_map`` a barrier makes all its operands vary along
-  the mesh axes any of them varies along: leaves are grouped by those axes.
+  to XLA, each recomputes it from the base state (XLA:TPU, GPT-2-small, one
+  switch for the tree: Adam's bytes 3.9x ``optax.adam`` without, 2.6x with;
+  benchmarks/README.md). One barrier for all leaves measured less than one
+  per leaf (2.6x against 3.0x), but under ``shard_map`` a barrier makes all
+  its operands vary along the mesh axes any of them varies along: leaves are
+  grouped by those axes (one group outside ``shard_map``).
   """
   leaves, treedef = jax.tree.flatten(directions)
   groups: dict[Any, list[int]] = {}
