@@ -659,7 +659,8 @@ def switch_per_leaf() -> bool:
   of ``optax.sgd`` against 1.32x with a switch per leaf; benchmarks/README.md).
   On GPU each conditional costs tens of microseconds of latency per step, so
   elsewhere the tree keeps one. Decided when tracing, from the default
-  backend; either way gives the same update.
+  backend; either way gives the same update to float32 rounding (the
+  branches agree to it; only which leaves take the careful one differs).
   """
   return jax.default_backend() == 'tpu'
 
