@@ -320,6 +320,12 @@ def warm_state(tx: optax.GradientTransformation, width: int,
                    (float(loss(params0, x, y)), float(loss(params, x, y))))
 
 
+def branch_name(fast: list) -> str:
+  """What the library's switches did, from each one's choice (True: fast)."""
+  return ('no switch' if not fast else 'fast' if all(fast)
+          else 'careful' if not any(fast) else 'fast and careful')
+
+
 def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
   """What Layca meets on one update at this state, run eagerly: its units,
   dead units (a zero step, ``<d,d> = 0``), nearly parallel units
@@ -345,8 +351,7 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
     jax.block_until_ready(tx.update(grads, state, params))
   switch = [b.index for b in taken if b.site.startswith('_closed_form.')
             and b.kind == 'cond']
-  branch = ('no switch' if not switch else 'fast' if all(switch)
-            else 'careful' if not any(switch) else 'fast and careful')
+  branch = branch_name(switch)
   try:
     sums = [unit_sums(spec, np.asarray(w, np.float64), np.asarray(d, np.float64))
             for specs, ws, ds in seen for spec, w, d in zip(specs, ws, ds)
@@ -382,9 +387,7 @@ def jitted_branch(tx: optax.GradientTransformation, params, state,
     return list(predicates)
 
   with patched(_closed_form, use_fast=spy):
-    taken = [bool(p) for p in jax.jit(update)(params, state, grads)]
-  return ('no switch' if not taken else 'fast' if all(taken)
-          else 'careful' if not any(taken) else 'fast and careful')
+    return branch_name([bool(p) for p in jax.jit(update)(params, state, grads)])
 
 
 def unit_sums(spec, w: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -81,6 +81,7 @@ def test_bench_update_warm_rows(tmp_path):
       assert r['unit_count'] == 58
       assert 0 <= r['dead'] + r['parallel'] <= r['unit_count']
       assert r['branch'] in ('fast', 'careful')
+      assert r['branch_jit'] in ('fast', 'careful')
       assert r['vs_base'] == r['vs_sgd']
       if state == 'warm':  # It trained for real.
         assert r['loss_end'] < 0.8 * r['loss_start']
