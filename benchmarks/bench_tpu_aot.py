@@ -22,7 +22,13 @@ state donated. Reported per row, from the compiled program:
   expensive branch plus its operands again (the ``toy`` record of the JSON),
   so the whole program's bytes are an upper bound, not the cost of a step;
 * ratios to ``optax.sgd`` and to the matching optax base, and the bytes
-  above the base in reads of the params (``extra_x_params``).
+  above the base in reads of the params (``extra_x_params``);
+* for the path taken, the bytes that cross HBM (``hbm_``, :func:`hbm_traffic`:
+  read from where XLA:TPU placed each array). XLA's ``bytes accessed``
+  counts an array staged through on-chip memory (VMEM) three times, so it
+  penalises exactly the on-chip reuse that saves HBM traffic: ``optax.sgd``
+  counts 3.0 params-bytes of HBM traffic (its three passes) and ~9 of
+  ``bytes accessed``. HBM bandwidth is what bounds an update's time.
 
 Inputs are the random params and gradients of ``bench_update.py``
 (well-conditioned: every Layca unit takes the fast branch). The
@@ -52,6 +58,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import collections
+import itertools
 import re
 import time
 from collections.abc import Callable
@@ -141,6 +148,81 @@ def count_ops(hlo: str) -> collections.Counter:
              collections.Counter())
 
 
+_ARRAY = re.compile(r'\b(pred|[a-z]+\d+)\[([\d,]*)\](\{[^}]*\})?')
+_ENTRY_INSTRUCTION = re.compile(
+    r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$')
+_NO_TRAFFIC = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast',
+               'slice-done', 'copy-done', 'after-all'}
+
+
+def _arrays(shape: str) -> list[tuple[int, bool]]:
+  """``(bytes, in_hbm)`` of each array of an HLO shape, in order. XLA:TPU
+  marks arrays placed in other memory spaces (``S(1)``: VMEM, on chip);
+  unmarked ones live in HBM."""
+  out = []
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    bits = re.search(r'\d+$', dtype)  # f32, bf16, s8, ...; pred is a byte.
+    size = int(bits.group()) // 8 if bits else 1
+    for d in filter(None, dims.split(',')):
+      size *= int(d)
+    out.append((size, not re.search(r'S\(\d+\)', layout or '')))
+  return out
+
+
+def hbm_traffic(hlo: str) -> int:
+  """Bytes read from and written to HBM by a compiled XLA:TPU program without
+  conditionals or loops, from where each array lives.
+
+  XLA's ``bytes accessed`` adds up every instruction's operands and results
+  wherever they live, so an array staged through on-chip memory counts
+  three times (the copy in, the fusion reading the copy, the result); this
+  counts only what crosses HBM: a fusion's operands and results in HBM (a
+  gather reads the entries it gathers), and the HBM end of each
+  asynchronous copy or slice to and from on-chip memory.
+  """
+  bodies: dict[str, set[str]] = {}
+  current: set[str] = set()
+  in_entry = False
+  entry: list[tuple[str, str, str, str]] = []
+  for line in hlo.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = bodies.setdefault(header.group(1), set())
+      in_entry = line.startswith('ENTRY')
+      continue
+    instruction = _ENTRY_INSTRUCTION.match(line)
+    if instruction:
+      current.add(instruction.group(3))
+      if in_entry:
+        entry.append(instruction.groups())
+  shapes: dict[str, str] = {}
+  total = 0
+  for name, shape, opcode, rest in entry:
+    shapes[name] = shape
+    if opcode in ('conditional', 'while', 'call'):
+      raise ValueError(f'{opcode} {name}: count the path taken instead')
+    if opcode in _NO_TRAFFIC:
+      continue
+    arrays = _arrays(shape)
+    if opcode in ('slice-start', 'copy-start'):
+      # Shaped ((source), destination, context) for a slice, (destination,
+      # source, context) for a copy.
+      source, destination = (arrays[0], arrays[1]) if opcode == 'slice-start' \
+          else (arrays[1], arrays[0])
+      total += destination[0] * (source[1] + destination[1])
+      continue
+    operands = re.findall(r'%([\w.\-]+)', rest.split(')')[0])
+    called = set().union(*(bodies.get(c, set())
+                           for c in _CALLS.findall(rest)))
+    if opcode == 'gather' or ('gather' in called and 'reduce' not in called):
+      total += sum(size for size, _ in arrays)  # The entries gathered.
+    else:
+      total += sum(size for o in operands
+                   for size, hbm in _arrays(shapes.get(o, '')) if hbm)
+    total += sum(size for size, hbm in arrays if hbm)
+  return total
+
+
 def tpu_cost(traced: jax.stages.Traced) -> dict[str, Any]:
   """Bytes accessed and fusion count of ``traced``, compiled for TPU."""
   start = time.perf_counter()
@@ -148,8 +230,14 @@ def tpu_cost(traced: jax.stages.Traced) -> dict[str, Any]:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # One dict per program on older jax.
     cost = cost[0]
-  ops = count_ops(compiled.as_text())
-  return {'bytes': float(cost['bytes accessed']), 'fusions': ops['fusion'],
+  hlo = compiled.as_text()
+  ops = count_ops(hlo)
+  try:
+    hbm = float(hbm_traffic(hlo))
+  except ValueError:  # A conditional: XLA decides at run time.
+    hbm = None
+  return {'bytes': float(cost['bytes accessed']), 'hbm': hbm,
+          'fusions': ops['fusion'],
           'copies': ops['copy-start'] + ops['copy'],
           'compile_s': time.perf_counter() - start}
 
@@ -158,6 +246,15 @@ def step_of(tx: optax.GradientTransformation) -> Callable:
   """A new step function (a new function: jit's trace cache never serves it)."""
   return lambda params, state, grads: bench_update.apply_step(
       tx, params, state, grads)
+
+
+def path_text(taken: list[common.Branch]) -> str:
+  """The branches taken, in order, runs of one written once with a count
+  (``48 x _closed_form._switched_coefficients:true``: a switch per leaf)."""
+  runs = [(str(branch), len(list(group)))
+          for branch, group in itertools.groupby(taken)]
+  return ' '.join(text if n == 1 else f'{n} x {text}'
+                  for text, n in runs) or '(no conditional)'
 
 
 def whole_and_path(make: Callable[[], Callable], args: tuple, sharding,
@@ -181,10 +278,10 @@ def whole_and_path(make: Callable[[], Callable], args: tuple, sharding,
       raise RuntimeError(f'the path taken still holds {left}: a conditional '
                          f'not made by jax.lax.cond / jax.lax.switch')
     path = tpu_cost(traced)
-  return {'path': ' '.join(map(str, taken)) or '(no conditional)',
+  return {'path': path_text(taken),
           **{f'{kind}_{key}': value[key] for kind, value
              in (('whole', whole), ('path', path))
-             for key in ('bytes', 'fusions', 'copies')},
+             for key in ('bytes', 'hbm', 'fusions', 'copies')},
           'compile_s': whole['compile_s'] + (path['compile_s'] if taken else 0)}
 
 
@@ -313,11 +410,16 @@ def bench_model(model: str, divisor: int, names: list[str],
     if r['base'] in by_name:
       r['extra_x_params'] = (r['path_bytes']
                              - by_name[r['base']]['path_bytes']) / param_bytes
+    r['hbm_x_params'] = r['path_hbm'] / param_bytes
+    for key, ref in (('vs_sgd', SGD), ('vs_base', r['base'])):
+      if ref in by_name:
+        r[f'hbm_{key}'] = r['path_hbm'] / by_name[ref]['path_hbm']
   return out + skipped
 
 
 COLUMNS = ['model', 'optimizer', 'path_MB', 'path_x_params', 'path_vs_sgd',
-           'path_vs_base', 'extra_x_params', 'path_fusions', 'path_copies',
+           'path_vs_base', 'extra_x_params', 'hbm_x_params', 'hbm_vs_sgd',
+           'hbm_vs_base', 'path_fusions', 'path_copies',
            'whole_MB', 'whole_vs_base', 'whole_fusions', 'path']
 
 
@@ -347,8 +449,8 @@ def main() -> None:
   if missing:
     raise SystemExit(missing)
   # Traced here with the CPU backend: trace the library as a TPU backend
-  # does (one switch per layer leaf, _closed_form.switch_per_leaf).
-  _closed_form.switch_per_leaf = lambda: True
+  # does (_closed_form.leaves_stay_on_chip).
+  _closed_form.leaves_stay_on_chip = lambda: True
   if args.json is None:
     args.json = common.RESULTS_DIR / 'bench_tpu_aot.json'
   sharding = tpu_sharding(args.topology)

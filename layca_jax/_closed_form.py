@@ -27,7 +27,7 @@ from a small sample of each unit), so that zero steps, dead units, extreme
 scales and steps nearly along the weights (stale momentum) are exact there.
 Only when some unit is still out of reach (non-finite values, a sample that
 misjudged the unit's scale or centre) does a single ``lax.cond`` over the
-whole tree (one per layer leaf on TPU: :func:`switch_per_leaf`) compute the
+whole tree (one per layer leaf on TPU: :func:`leaves_stay_on_chip`) compute the
 coefficients the careful way (sums of values scaled by exact powers of two,
 the tangent's norm measured on the projected step, the result measured and
 put back on its sphere). Either branch returns only
@@ -650,17 +650,20 @@ def _select(where: jax.Array, a: Coefficients, b: Coefficients) -> Coefficients:
   return Coefficients(*(jnp.where(where, x, y) for x, y in zip(a, b)))
 
 
-def switch_per_leaf() -> bool:
-  """Whether each layer leaf gets its own switch, rather than one for the tree.
+def leaves_stay_on_chip() -> bool:
+  """Whether XLA keeps a leaf's arrays in on-chip memory between the fusions
+  that read them, as long as nothing waits on other leaves in between.
 
-  With one switch, every leaf's elementwise pass waits for every leaf's sums,
-  so no leaf's ``w`` and ``d`` can stay in on-chip memory between its two
-  passes: XLA:TPU then reads them from HBM twice (GPT-2-small: 1.70x the bytes
-  of ``optax.sgd`` against 1.32x with a switch per leaf; benchmarks/README.md).
-  On GPU each conditional costs tens of microseconds of latency per step, so
-  elsewhere the tree keeps one. Decided when tracing, from the default
-  backend; either way gives the same update to float32 rounding (the
-  branches agree to it; only which leaves take the careful one differs).
+  XLA:TPU does (VMEM, for leaves that fit); XLA:GPU and XLA:CPU do not. Where
+  it does, each layer leaf gets its own switch (with one for the tree, every
+  leaf's elementwise pass waits for every leaf's sums, and XLA:TPU reads
+  ``w`` and ``d`` from HBM twice: GPT-2-small, 1.70x the bytes of
+  ``optax.sgd`` against 1.32x) and a stateful base's direction is left to XLA
+  rather than written once (:func:`layca_jax._fused.fused_layca`). Elsewhere
+  the tree keeps one switch (on GPU each conditional costs tens of
+  microseconds per step). Decided when tracing, from the default backend;
+  either way gives the same update to float32 rounding (only which leaves
+  take the careful branch differs). Numbers: benchmarks/README.md.
   """
   return jax.default_backend() == 'tpu'
 
@@ -676,7 +679,7 @@ def coefficients(recipe: Recipe, specs: Sequence[LayerSpec | None],
   The fast branch serves the leaves behind one switch if it is exact on
   every unit of theirs; otherwise the careful one does, behind one
   ``lax.cond`` for the whole tree (one per leaf where
-  :func:`switch_per_leaf`). Free units (``n0 == 0``) follow ``recipe.free``
+  :func:`leaves_stay_on_chip`). Free units (``n0 == 0``) follow ``recipe.free``
   on either branch.
 
   Args:
@@ -690,7 +693,7 @@ def coefficients(recipe: Recipe, specs: Sequence[LayerSpec | None],
   """
   out: list[Coefficients | None] = [None] * len(specs)
   layers = [i for i, spec in enumerate(specs) if spec is not None]
-  switched = [[i] for i in layers] if switch_per_leaf() else [layers]
+  switched = [[i] for i in layers] if leaves_stay_on_chip() else [layers]
   for ids in switched:
     if ids:
       out_ids = _switched_coefficients(recipe, specs, w_leaves, d_leaves,

@@ -62,12 +62,15 @@ def _computed_once(directions: Any) -> Any:
   """``directions`` behind ``optimization_barrier``: computed once, then read.
 
   The sample, the sums and the elementwise pass all read the direction; left
-  to XLA, each recomputes it from the base state (XLA:TPU, GPT-2-small, one
-  switch for the tree: Adam's bytes 3.9x ``optax.adam`` without, 2.6x with;
-  benchmarks/README.md). One barrier for all leaves measured less than one
-  per leaf (2.6x against 3.0x), but under ``shard_map`` a barrier makes all
-  its operands vary along the mesh axes any of them varies along: leaves are
-  grouped by those axes (one group outside ``shard_map``).
+  to XLA:GPU or XLA:CPU, each fusion recomputes it from the base state
+  (Adam: ``g``, ``mu`` and ``nu`` read three times instead of ``d`` twice).
+  Not used where :func:`layca_jax._closed_form.leaves_stay_on_chip`: XLA:TPU
+  then keeps the direction in on-chip memory between the base's fusion and
+  Layca's, which a barrier would prevent (it waits for every leaf's
+  direction; GPT-2-small, Adam: HBM traffic 1.61x ``optax.adam`` with it,
+  1.35x without; benchmarks/README.md). Under ``shard_map`` a barrier makes
+  all its operands vary along the mesh axes any of them varies along: leaves
+  are grouped by those axes (one group outside ``shard_map``).
   """
   leaves, treedef = jax.tree.flatten(directions)
   groups: dict[Any, list[int]] = {}
@@ -159,7 +162,7 @@ def fused_layca(
         base_in.append(g)
     directions, base_state = base.update(treedef.unflatten(base_in),
                                          state.base, params)
-    if base_has_state:
+    if base_has_state and not cf.leaves_stay_on_chip():
       directions = _computed_once(directions)
     # optax moments of integer leaves come back float32: keep the state's
     # dtypes fixed, as lax.scan carries and optax.apply_if_finite need.

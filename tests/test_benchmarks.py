@@ -121,6 +121,78 @@ def test_census_counts_dead_and_parallel_units(benchmarks):
   assert census['branch'] in ('fast', 'careful')
 
 
+# A compiled XLA:TPU program's shape, by hand: w (HBM) is read by a sample
+# gather and a fusion; g is sliced into on-chip memory (S(1)) in two halves;
+# the sum and the update read the on-chip copy; the update is written on
+# chip and copied out to HBM.
+_TPU_HLO = """HloModule step
+
+%gathered (p: f32[64,128]) -> f32[8] {
+  %p = f32[64,128]{1,0} parameter(0)
+  %i = s32[8,2]{1,0} constant({...})
+  ROOT %gather = f32[8]{0} gather(%p, %i), offset_dims={}
+}
+
+%summed (a: f32[64,128], b: f32[64,128]) -> f32[] {
+  %a = f32[64,128]{1,0} parameter(0)
+  %b = f32[64,128]{1,0} parameter(1)
+  %m = f32[64,128]{1,0} multiply(%a, %b)
+  ROOT %r = f32[] reduce(%m, %z), dimensions={0,1}, to_apply=%add
+}
+
+%updated (a: f32[64,128], b: f32[64,128], c: f32[]) -> f32[64,128] {
+  ROOT %s = f32[64,128]{1,0} subtract(%a, %b)
+}
+
+ENTRY %main.1 (w: f32[64,128], g: f32[64,128]) -> f32[64,128] {
+  %w = f32[64,128]{1,0:T(8,128)} parameter(0)
+  %g = f32[64,128]{1,0:T(8,128)} parameter(1)
+  %sample = f32[8]{0:T(128)S(1)} fusion(%w), kind=kLoop, calls=%gathered
+  %s0 = ((f32[64,128]{1,0:T(8,128)}), f32[32,128]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%g), slice={[0:32], [0:128]}
+  %s1 = ((f32[64,128]{1,0:T(8,128)}), f32[32,128]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%g), slice={[32:64], [0:128]}
+  %d0 = f32[32,128]{1,0:T(8,128)S(1)} slice-done(%s0)
+  %d1 = f32[32,128]{1,0:T(8,128)S(1)} slice-done(%s1)
+  %gv = f32[64,128]{1,0:T(8,128)S(1)} custom-call(%d0, %d1), custom_call_target="ConcatBitcast"
+  %sums = f32[]{:T(128)} fusion(%w, %gv), kind=kLoop, calls=%summed
+  %new = f32[64,128]{1,0:T(8,128)S(1)} fusion(%w, %gv, %sums), kind=kLoop, calls=%updated
+  %out = (f32[64,128]{1,0:T(8,128)}, f32[64,128]{1,0:T(8,128)S(1)}, u32[]{:S(2)}) copy-start(%new)
+  ROOT %done = f32[64,128]{1,0:T(8,128)} copy-done(%out)
+}
+"""
+
+
+def test_hbm_traffic_counts_what_crosses_hbm(benchmarks, monkeypatch):
+  for name in ('TPU_WORKER_HOSTNAMES', 'TPU_ACCELERATOR_TYPE',
+               'ALLOW_MULTIPLE_LIBTPU_LOAD'):
+    monkeypatch.setenv(name, os.environ.get(name, ''))
+  bench_tpu_aot = benchmarks('bench_tpu_aot')
+  array = 64 * 128 * 4
+  # The 8 entries gathered, g once (both halves), w twice, the update once,
+  # the sum (in HBM) written and read; nothing for what the fusions read or
+  # write on chip.
+  assert bench_tpu_aot.hbm_traffic(_TPU_HLO) == (
+      8 * 4 + array + 2 * array + array + 2 * 4)
+  with pytest.raises(ValueError, match='path taken'):
+    bench_tpu_aot.hbm_traffic(_TPU_HLO.replace(
+        'kind=kLoop, calls=%updated', 'kind=kLoop, calls=%updated\n'
+        '  %c = f32[] conditional(%p, %sums, %sums)'))
+
+
+def test_path_text_writes_a_run_of_switches_once(benchmarks, monkeypatch):
+  for name in ('TPU_WORKER_HOSTNAMES', 'TPU_ACCELERATOR_TYPE',
+               'ALLOW_MULTIPLE_LIBTPU_LOAD'):
+    monkeypatch.setenv(name, os.environ.get(name, ''))
+  bench_tpu_aot, common = benchmarks('bench_tpu_aot'), benchmarks('_common')
+  leaf = common.Branch('_closed_form._switched_coefficients', 'cond', 1)
+  careful = common.Branch('_closed_form._switched_coefficients', 'cond', 0)
+  track = common.Branch('_tracking.update_fn', 'cond', 0)
+  assert bench_tpu_aot.path_text([leaf] * 3 + [careful, leaf, track]) == (
+      '3 x _closed_form._switched_coefficients:true '
+      '_closed_form._switched_coefficients:false '
+      '_closed_form._switched_coefficients:true _tracking.update_fn:false')
+  assert bench_tpu_aot.path_text([]) == '(no conditional)'
+
+
 def test_taken_branches_stage_only_the_recorded_path(benchmarks):
   common = benchmarks('_common')
 
@@ -167,8 +239,11 @@ def test_bench_tpu_aot_whole_program_and_path_taken(tmp_path):
   # path taken of cond(p, x * 2, x * 2) is x * 2 alone.
   toy = result['toy']
   assert toy['cond_path_passes'] == toy['plain_passes'] < toy['cond_whole_passes']
+  # What crosses HBM: optax.sgd reads g and w and writes w (three passes).
+  assert rows['optax.sgd']['hbm_x_params'] == pytest.approx(3.0, rel=1e-3)
   for name, r in rows.items():
     assert r['path_bytes'] > 0 and r['path_fusions'] > 0
+    assert r['hbm_x_params'] > 2.99 and r['path_hbm'] < r['path_bytes']
     assert r['path_vs_sgd'] == pytest.approx(
         r['path_bytes'] / rows['optax.sgd']['path_bytes'])
     if r['path'] == '(no conditional)':

@@ -5,6 +5,7 @@ elementwise pass) with a careful fallback; these tests state that the result
 is the chain ``base, layca(), scale_by_learning_rate(rate), keep_norm()``.
 """
 
+import collections
 import functools
 import math
 
@@ -517,7 +518,8 @@ def test_vmapped_and_differentiated_updates(make):
     lambda: lx.layca_sgd(0.1),
     lambda: chain_of_links(optax.identity(), 0.1)], ids=['fused', 'links'])
 def test_a_switch_per_leaf_keeps_the_other_leaves_fast(make, monkeypatch):
-  """With one switch per leaf (what a TPU backend traces), a leaf whose
+  """With one switch per leaf (what a TPU backend traces: leaves stay on
+  chip), a leaf whose
   sample misjudges it (one entry 2^70 outside its sample) takes the careful
   branch alone, the other leaf keeps the fast one, and the update is the
   whole-tree switch's and Algorithm 1's."""
@@ -532,7 +534,7 @@ def test_a_switch_per_leaf_keeps_the_other_leaves_fast(make, monkeypatch):
   original = cf.use_fast
 
   def update(per_leaf):
-    monkeypatch.setattr(cf, 'switch_per_leaf', lambda: per_leaf)
+    monkeypatch.setattr(cf, 'leaves_stay_on_chip', lambda: per_leaf)
     decisions = []
     monkeypatch.setattr(cf, 'use_fast', lambda serves: decisions.append(
         bool(original(serves))) or decisions[-1])
@@ -549,3 +551,40 @@ def test_a_switch_per_leaf_keeps_the_other_leaves_fast(make, monkeypatch):
     want = reference.layca_step(w[k], g[k], np.linalg.norm(w[k]), 0.1)
     assert relative_error(per_leaf[k], want) < 1e-5
     assert relative_error(per_leaf[k], whole[k]) < 1e-5
+
+
+@pytest.mark.parametrize('make', [
+    lambda: lx.layca_sgd(0.1, momentum=0.9), lambda: lx.layca_adam(0.1)],
+    ids=['momentum', 'adam'])
+def test_where_leaves_stay_on_chip_each_leaf_is_left_to_itself(make,
+                                                              monkeypatch):
+  """Traced for XLA:TPU (``leaves_stay_on_chip``), nothing waits on the whole
+  tree: one switch per layer leaf and no barrier on the base's direction, so
+  XLA can keep each leaf on chip between its passes. Elsewhere one switch
+  and one barrier (the direction computed once). The same update."""
+  rng = np.random.default_rng(6)
+  params = {'a': rng.normal(size=(8, 6)), 'b': rng.normal(size=(16, 8)),
+            'bias': np.zeros(8)}
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  grads = jax.tree.map(
+      lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+
+  def traced(on_chip):
+    monkeypatch.setattr(cf, 'leaves_stay_on_chip', lambda: on_chip)
+    tx = make()
+
+    def step(params, grads):
+      updates, state = tx.update(grads, tx.init(params), params)
+      return tx.update(grads, state, optax.apply_updates(params, updates))[0]
+
+    top = collections.Counter(
+        e.primitive.name for e in jax.make_jaxpr(step)(params, grads).eqns)
+    return top, jax.jit(step)(params, grads)
+
+  on_chip, on_chip_updates = traced(True)
+  elsewhere, updates = traced(False)
+  assert on_chip['cond'] == 2 * 2 and 'optimization_barrier' not in on_chip
+  assert elsewhere['cond'] == 2 and elsewhere['optimization_barrier'] == 2
+  for k in params:
+    np.testing.assert_allclose(on_chip_updates[k], updates[k], rtol=1e-6,
+                               atol=1e-7)
