@@ -463,6 +463,26 @@ def check_pmap() -> None:
                'pmap/rotations')
 
 
+def check_traced_as_on_tpu() -> None:
+  """What a TPU backend traces (one switch per layer leaf, no barrier on the
+  base's direction: ``_closed_form.leaves_stay_on_chip``), with jit and FSDP
+  shardings and inside shard_map, matches the one-device run traced as on
+  CPU (one switch, the barrier)."""
+  from layca_jax import _closed_form
+  params = make_params()
+  grads_seq = make_grads(params)
+  expected = reference_runs(params, grads_seq)
+  on_chip = _closed_form.leaves_stay_on_chip
+  _closed_form.leaves_stay_on_chip = lambda: True
+  try:
+    check_layouts_placed('fsdp', names=CORE)
+    got = shard_map_train_all(params, grads_seq, mesh_for('fsdp'),
+                              fsdp_specs(params), 'x', CORE)
+    assert_all_close(got, expected, 'shard_map(fsdp), traced as on TPU', CORE)
+  finally:
+    _closed_form.leaves_stay_on_chip = on_chip
+
+
 CHECKS = {name[len('check_'):]: fn for name, fn in sorted(globals().items())
           if name.startswith('check_') and callable(fn)
           and name != 'check_layouts_placed'}
