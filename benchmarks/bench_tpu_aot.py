@@ -123,7 +123,8 @@ def abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 _COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$')
 # An instruction's opcode is the first ` word(` after the `=`: shapes hold
 # no space before a parenthesis (`f32[8]{0:T(256)}`, `(f32[2], s32[])`).
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*.*?\s([\w\-]+)\(')
+_INSTRUCTION = re.compile(  # Groups: name, shape, opcode, the rest.
+    r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$')
 _CALLS = re.compile(r'calls=%([\w.\-]+)')
 
 
@@ -141,16 +142,14 @@ def count_ops(hlo: str) -> collections.Counter:
       continue
     instruction = _INSTRUCTION.match(line)
     if instruction:
-      current[instruction.group(1)] += 1
-      if instruction.group(1) == 'fusion':
+      current[instruction.group(3)] += 1
+      if instruction.group(3) == 'fusion':
         bodies.update(_CALLS.findall(line))
   return sum((n for name, n in per_computation.items() if name not in bodies),
              collections.Counter())
 
 
 _ARRAY = re.compile(r'\b(pred|[a-z]+\d+)\[([\d,]*)\](\{[^}]*\})?')
-_ENTRY_INSTRUCTION = re.compile(
-    r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$')
 _NO_TRAFFIC = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast',
                'slice-done', 'copy-done', 'after-all'}
 
@@ -190,7 +189,7 @@ def hbm_traffic(hlo: str) -> int:
       current = bodies.setdefault(header.group(1), set())
       in_entry = line.startswith('ENTRY')
       continue
-    instruction = _ENTRY_INSTRUCTION.match(line)
+    instruction = _INSTRUCTION.match(line)
     if instruction:
       current.add(instruction.group(3))
       if in_entry:
@@ -207,8 +206,9 @@ def hbm_traffic(hlo: str) -> int:
     if opcode in ('slice-start', 'copy-start'):
       # Shaped ((source), destination, context) for a slice, (destination,
       # source, context) for a copy.
-      source, destination = (arrays[0], arrays[1]) if opcode == 'slice-start' \
-          else (arrays[1], arrays[0])
+      source, destination = arrays[:2]
+      if opcode == 'copy-start':
+        source, destination = destination, source
       total += destination[0] * (source[1] + destination[1])
       continue
     operands = re.findall(r'%([\w.\-]+)', rest.split(')')[0])

@@ -161,11 +161,17 @@ ENTRY %main.1 (w: f32[64,128], g: f32[64,128]) -> f32[64,128] {
 """
 
 
-def test_hbm_traffic_counts_what_crosses_hbm(benchmarks, monkeypatch):
+@pytest.fixture
+def bench_tpu_aot(benchmarks, monkeypatch):
+  """bench_tpu_aot.py, imported without leaving its libtpu settings in the
+  environment of later tests."""
   for name in ('TPU_WORKER_HOSTNAMES', 'TPU_ACCELERATOR_TYPE',
                'ALLOW_MULTIPLE_LIBTPU_LOAD'):
     monkeypatch.setenv(name, os.environ.get(name, ''))
-  bench_tpu_aot = benchmarks('bench_tpu_aot')
+  return benchmarks('bench_tpu_aot')
+
+
+def test_hbm_traffic_counts_what_crosses_hbm(bench_tpu_aot):
   array = 64 * 128 * 4
   # The 8 entries gathered, g once (both halves), w twice, the update once,
   # the sum (in HBM) written and read; nothing for what the fusions read or
@@ -178,11 +184,8 @@ def test_hbm_traffic_counts_what_crosses_hbm(benchmarks, monkeypatch):
         '  %c = f32[] conditional(%p, %sums, %sums)'))
 
 
-def test_path_text_writes_a_run_of_switches_once(benchmarks, monkeypatch):
-  for name in ('TPU_WORKER_HOSTNAMES', 'TPU_ACCELERATOR_TYPE',
-               'ALLOW_MULTIPLE_LIBTPU_LOAD'):
-    monkeypatch.setenv(name, os.environ.get(name, ''))
-  bench_tpu_aot, common = benchmarks('bench_tpu_aot'), benchmarks('_common')
+def test_path_text_writes_a_run_of_switches_once(bench_tpu_aot, benchmarks):
+  common = benchmarks('_common')
   leaf = common.Branch('_closed_form._switched_coefficients', 'cond', 1)
   careful = common.Branch('_closed_form._switched_coefficients', 'cond', 0)
   track = common.Branch('_tracking.update_fn', 'cond', 0)

@@ -519,10 +519,9 @@ def test_vmapped_and_differentiated_updates(make):
     lambda: chain_of_links(optax.identity(), 0.1)], ids=['fused', 'links'])
 def test_a_switch_per_leaf_keeps_the_other_leaves_fast(make, monkeypatch):
   """With one switch per leaf (what a TPU backend traces: leaves stay on
-  chip), a leaf whose
-  sample misjudges it (one entry 2^70 outside its sample) takes the careful
-  branch alone, the other leaf keeps the fast one, and the update is the
-  whole-tree switch's and Algorithm 1's."""
+  chip), a leaf whose sample misjudges it (one entry 2^70 outside its
+  sample) takes the careful branch alone, the other leaf keeps the fast
+  one, and the update is the whole-tree switch's and Algorithm 1's."""
   rng = np.random.default_rng(4)
   w = {'a': rng.normal(size=(8, 6)), 'b': rng.normal(size=(16, 8))}
   g = {k: rng.normal(size=v.shape) for k, v in w.items()}
