@@ -393,26 +393,42 @@ def _warm_tree(rng, scale):
   return w_leaves, d_leaves
 
 
+@functools.lru_cache(maxsize=None)
+def _fast_serves_per_unit(recipe):
+  """Per leaf of a warm tree, whether the fast branch serves each unit: one
+  jitted program per recipe (the warm trees share their shapes)."""
+  specs = [LayerSpec(f'Dense_{i}', shape, 0, True)
+           for i, shape in enumerate(_WARM_SHAPES)]
+
+  def serves(w_leaves, d_leaves):
+    out = {}
+    for spec in specs:
+      w, d = w_leaves[spec.path], d_leaves[spec.path]
+      n0 = nx.from_units(nx.unit_norm(w, spec, None), spec)
+      out[spec.path] = cf.fast_serves(recipe, recipe.sums(spec, w, d, None), n0)
+    return out
+
+  return jax.jit(serves)
+
+
 @pytest.mark.parametrize('scale', [1e-12, 1.0, 1e12])
 def test_warm_training_states_keep_the_fast_branch(scale):
   """The decision the whole-tree switch takes (``use_fast``), read on a
   large tree of dead, stale, decayed, free and ordinary units."""
   w_leaves, d_leaves = _warm_tree(np.random.default_rng(8), scale)
-  specs = [LayerSpec(k, v.shape, 0, True) for k, v in w_leaves.items()]
-  for recipe, extra in ((cf.LAYCA_UPDATE, 0.1), (cf.LAYCA_STEP, 1.0)):
-    serves = []
-    for spec in specs:
-      w, d = jnp.asarray(w_leaves[spec.path]), jnp.asarray(d_leaves[spec.path])
-      n0 = nx.from_units(nx.unit_norm(w, spec, None), spec)
-      sums = recipe.sums(spec, w, d, None)
-      serves.append(np.asarray(cf.fast_serves(recipe, sums, n0)))
-    assert all(s.all() for s in serves), [s.sum() / s.size for s in serves]
+  for recipe in (cf.LAYCA_UPDATE, cf.LAYCA_STEP):
+    serves = _fast_serves_per_unit(recipe)(w_leaves, d_leaves)
+    assert all(np.all(s) for s in serves.values()), {
+        k: float(np.mean(s)) for k, s in serves.items()}
 
 
 @functools.lru_cache(maxsize=None)
-def _warm_optimizer(rate):
-  """One optimizer and jitted update per rate: compiled once per rate."""
-  tx = lx.layca_sgd(rate, per_neuron=True)
+def _warm_optimizer():
+  """Per-neuron Layca-SGD with its rate in the state (one compilation for
+  every rate) and its jitted update."""
+  tx = optax.inject_hyperparams(
+      lx.layca_sgd, static_args=('momentum', 'nesterov', 'per_neuron'))(
+          learning_rate=0.1, per_neuron=True)
   return tx, jax.jit(tx.update)
 
 
@@ -427,10 +443,11 @@ def test_fast_branch_on_warm_states_follows_algorithm1(seed, w_exp, rate):
   w_leaves, d_leaves = _warm_tree(np.random.default_rng(seed), 2.0 ** w_exp)
   params = {k: jnp.asarray(v) for k, v in w_leaves.items()}
   grads = {k: jnp.asarray(v) for k, v in d_leaves.items()}
-  tx, update = _warm_optimizer(rate)
+  tx, update = _warm_optimizer()
   state = tx.init(params)
+  state.hyperparams['learning_rate'] = jnp.asarray(rate, jnp.float32)
   updates, state = update(grads, state, params)
-  assert np.asarray(state.layca.skipped['Dense_0']).sum() == 0
+  assert np.asarray(state.inner_state.layca.skipped['Dense_0']).sum() == 0
   for name, w in w_leaves.items():
     new = np.asarray(params[name] + updates[name], np.float64)
     w64, d64 = w.astype(np.float64), d_leaves[name].astype(np.float64)
