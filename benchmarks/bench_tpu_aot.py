@@ -128,24 +128,37 @@ _INSTRUCTION = re.compile(  # Groups: name, shape, opcode, the rest.
 _CALLS = re.compile(r'calls=%([\w.\-]+)')
 
 
-def count_ops(hlo: str) -> collections.Counter:
-  """Opcodes of an HLO module's text, outside fusion bodies (the entry
-  computation, and both branches of a conditional where there is one)."""
-  per_computation: dict[str, collections.Counter] = {}
-  bodies: set[str] = set()
-  current = collections.Counter()
+Instruction = tuple[str, str, str, str]  # _INSTRUCTION's groups.
+
+
+def computations(hlo: str) -> tuple[dict[str, list[Instruction]], str]:
+  """The instructions of each computation of an HLO module's text, and the
+  name of its entry computation."""
+  out: dict[str, list[Instruction]] = {}
+  current: list[Instruction] = []
+  entry = ''
   for line in hlo.splitlines():
     header = _COMPUTATION.match(line)
     if header:
-      current = per_computation.setdefault(header.group(1),
-                                           collections.Counter())
+      current = out.setdefault(header.group(1), [])
+      if line.startswith('ENTRY'):
+        entry = header.group(1)
       continue
     instruction = _INSTRUCTION.match(line)
     if instruction:
-      current[instruction.group(3)] += 1
-      if instruction.group(3) == 'fusion':
-        bodies.update(_CALLS.findall(line))
-  return sum((n for name, n in per_computation.items() if name not in bodies),
+      current.append(instruction.groups())
+  return out, entry
+
+
+def count_ops(hlo: str) -> collections.Counter:
+  """Opcodes of an HLO module's text, outside fusion bodies (the entry
+  computation, and both branches of a conditional where there is one)."""
+  parsed, _ = computations(hlo)
+  bodies = {body for instructions in parsed.values()
+            for _, _, opcode, rest in instructions if opcode == 'fusion'
+            for body in _CALLS.findall(rest)}
+  return sum((collections.Counter(opcode for _, _, opcode, _ in instructions)
+              for name, instructions in parsed.items() if name not in bodies),
              collections.Counter())
 
 
@@ -179,24 +192,12 @@ def hbm_traffic(hlo: str) -> int:
   gather reads the entries it gathers), and the HBM end of each
   asynchronous copy or slice to and from on-chip memory.
   """
-  bodies: dict[str, set[str]] = {}
-  current: set[str] = set()
-  in_entry = False
-  entry: list[tuple[str, str, str, str]] = []
-  for line in hlo.splitlines():
-    header = _COMPUTATION.match(line)
-    if header:
-      current = bodies.setdefault(header.group(1), set())
-      in_entry = line.startswith('ENTRY')
-      continue
-    instruction = _INSTRUCTION.match(line)
-    if instruction:
-      current.add(instruction.group(3))
-      if in_entry:
-        entry.append(instruction.groups())
+  parsed, entry = computations(hlo)
+  opcodes = {name: {opcode for _, _, opcode, _ in instructions}
+             for name, instructions in parsed.items()}
   shapes: dict[str, str] = {}
   total = 0
-  for name, shape, opcode, rest in entry:
+  for name, shape, opcode, rest in parsed[entry]:
     shapes[name] = shape
     if opcode in ('conditional', 'while', 'call'):
       raise ValueError(f'{opcode} {name}: count the path taken instead')
@@ -212,7 +213,7 @@ def hbm_traffic(hlo: str) -> int:
       total += destination[0] * (source[1] + destination[1])
       continue
     operands = re.findall(r'%([\w.\-]+)', rest.split(')')[0])
-    called = set().union(*(bodies.get(c, set())
+    called = set().union(*(opcodes.get(c, set())
                            for c in _CALLS.findall(rest)))
     if opcode == 'gather' or ('gather' in called and 'reduce' not in called):
       total += sum(size for size, _ in arrays)  # The entries gathered.
