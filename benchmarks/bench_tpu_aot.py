@@ -450,8 +450,8 @@ def main() -> None:
   if missing:
     raise SystemExit(missing)
   # Traced here with the CPU backend: trace the library as a TPU backend
-  # does (_closed_form.leaves_stay_on_chip).
-  _closed_form.leaves_stay_on_chip = lambda: True
+  # does (_closed_form.compiling_for).
+  _closed_form.compiling_for = lambda: 'tpu'
   if args.json is None:
     args.json = common.RESULTS_DIR / 'bench_tpu_aot.json'
   sharding = tpu_sharding(args.topology)

@@ -329,7 +329,8 @@ def branch_name(fast: list) -> str:
 def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
   """What Layca meets on one update at this state, run eagerly: its units,
   dead units (a zero step, ``<d,d> = 0``), nearly parallel units
-  (``cos(d, w)^2 > 7/8``), and the branch its whole-tree switch took.
+  (``cos(d, w)^2 > 7/8``), and the branch its whole-tree switch took (and,
+  on XLA:CPU, whether its sums were read raw or scaled and centred).
 
   The one helper reading library internals: it wraps
   ``layca_jax._closed_form.coefficients`` to see each layer's weights ``w``,
@@ -349,20 +350,23 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
   with patched(_closed_form, coefficients=spy), \
       common.taken_branches(taken, record=True):
     jax.block_until_ready(tx.update(grads, state, params))
-  switch = [b.index for b in taken if b.site.startswith('_closed_form.')
-            and b.kind == 'cond']
+  switch = [b.index for b in taken
+            if b.site == '_closed_form._switched_coefficients']
+  raw = [b.index for b in taken if b.site == '_closed_form.leaf_sums']
   branch = branch_name(switch)
+  form = ('raw' if all(raw) else 'scaled') if raw else 'one form'
   try:
     sums = [unit_sums(spec, np.asarray(w, np.float64), np.asarray(d, np.float64))
             for specs, ws, ds in seen for spec, w, d in zip(specs, ws, ds)
             if spec is not None]
     ww, dw, dd = (np.concatenate(column) for column in zip(*sums))
   except (AttributeError, TypeError, ValueError) as e:
-    return {'branch': branch, 'census': f'unavailable: coefficients was '
-                                        f'called with other arguments ({e!r})'}
+    return {'branch': branch, 'sums': form,
+            'census': f'unavailable: coefficients was called with other '
+                      f'arguments ({e!r})'}
   dead = dd == 0
   parallel = ~dead & (dw * dw > PARALLEL_COS2 * ww * dd)
-  return {'branch': branch, 'unit_count': int(ww.size),
+  return {'branch': branch, 'sums': form, 'unit_count': int(ww.size),
           'dead': int(dead.sum()), 'parallel': int(parallel.sum())}
 
 
@@ -462,7 +466,7 @@ COLUMNS = ['model', 'optimizer', 'ms', 'min_ms', 'vs_sgd', 'vs_sgd_min',
            'vs_base', 'vs_base_min', 'roof_%', 'skipped']
 WARM_COLUMNS = ['optimizer', 'units', 'state', 'ms', 'min_ms', 'vs_sgd',
                 'vs_base', 'warm_vs_fresh', 'warm_vs_fresh_min', 'unit_count',
-                'dead', 'parallel', 'branch', 'branch_jit']
+                'dead', 'parallel', 'branch', 'sums', 'branch_jit']
 
 
 def main() -> None:

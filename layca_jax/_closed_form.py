@@ -24,7 +24,9 @@ The coefficients come from per-unit sums read in one pass (the fast
 branch). For the tangent step those sums are taken on values scaled by a
 per-unit power of two and centred on a per-unit estimate of ``c`` (both read
 from a small sample of each unit), so that zero steps, dead units, extreme
-scales and steps nearly along the weights (stale momentum) are exact there.
+scales and steps nearly along the weights (stale momentum) are exact there
+(on XLA:CPU, while no unit is centred or far from unit scale, each sum is
+read as one product of the inputs: :func:`shared_operands_cost_a_pass`).
 Only when some unit is still out of reach (non-finite values, a sample that
 misjudged the unit's scale or centre) does a single ``lax.cond`` over the
 whole tree (one per layer leaf on TPU: :func:`leaves_stay_on_chip`) compute the
@@ -280,6 +282,48 @@ def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array, axis_name,
   return TangentSums(nx.unit_sum(w_hat * w_hat, spec, axis_name),
                      nx.unit_sum(e * w_hat, spec, axis_name),
                      nx.unit_sum(e * e, spec, axis_name), w_exp, d_exp, centre)
+
+
+def _raw_exponent_band(spec: LayerSpec, dtype: Any) -> tuple[int, int]:
+  """Sample peak exponents ``[lo, hi]`` within which a unit's plain products
+  in ``dtype`` lose nothing that matters: no sum overflows, and the terms
+  flushed to zero (each below the smallest normal) add up to less than
+  2^-6 of a rounding step of the unit's largest square."""
+  info = jnp.finfo(dtype)
+  n = max(math.prod(spec.shape[a] for a in spec.reduce_axes), 2)
+  log_n = math.ceil(math.log2(n))
+  return ((log_n + info.minexp + info.nmant + 11 + 1) // 2,
+          (info.maxexp - 2 - log_n) // 2)
+
+
+def raw_sums_serve(spec: LayerSpec, estimates: Estimates,
+                   dtype: Any) -> jax.Array:
+  """Whether :func:`raw_tangent_sums` gives this leaf's sums: no unit is
+  centred and each unit's sample peaks sit in :func:`_raw_exponent_band`."""
+  w_exp, d_exp, centre = estimates
+  lo, hi = _raw_exponent_band(spec, dtype)
+  in_band = lambda e: jnp.all((e >= lo) & (e <= hi))
+  return jnp.all(centre == 0) & in_band(w_exp) & in_band(d_exp)
+
+
+def raw_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array, axis_name,
+                     estimates: Estimates) -> TangentSums:
+  """:func:`tangent_sums` where :func:`raw_sums_serve`, each sum read as one
+  product of the inputs as they are, scaled afterwards.
+
+  Scaling by a power of two commutes with rounding between the normal
+  bounds, so the sums are those of the scaled values but for terms far
+  below their rounding; no elementwise result feeds two reductions, which
+  XLA:CPU would write out and read back (:func:`shared_operands_cost_a_pass`).
+  A unit whose peak the sample missed by far enough to overflow gets
+  non-finite sums, and the careful branch.
+  """
+  w_exp, d_exp, centre = estimates
+  w32, d32 = nx.upcast(w), nx.upcast(d)
+  scaled = lambda x, e: jnp.ldexp(nx.unit_sum(x, spec, axis_name), -e)
+  return TangentSums(scaled(w32 * w32, 2 * w_exp),
+                     scaled(d32 * w32, w_exp + d_exp),
+                     scaled(d32 * d32, 2 * d_exp), w_exp, d_exp, centre)
 
 
 def _in_scaled_range(sum_of_squares: jax.Array) -> jax.Array:
@@ -596,7 +640,9 @@ class Recipe(NamedTuple):
   *per_unit, axis_name)`` on one leaf. ``free`` gives the coefficients of
   units whose initial norm ``n0`` is zero. ``estimates(specs, ws, ds,
   axis_name)``, when given, is taken once for the leaves of a group that
-  share ``axis_name`` and passed on to each leaf's ``sums``.
+  share ``axis_name`` and passed on to each leaf's ``sums``; ``raw_sums``,
+  when given, equals ``sums`` on the leaves where ``raw_sums_serve(spec,
+  estimates, dtype)``.
   """
 
   sums: Callable[..., Any]
@@ -605,21 +651,30 @@ class Recipe(NamedTuple):
   careful: Callable[..., Coefficients]
   free: Callable[..., Coefficients]
   estimates: Callable[..., list[Any]] | None = None
+  raw_sums: Callable[..., Any] | None = None
+  raw_sums_serve: Callable[..., jax.Array] | None = None
 
 
 LAYCA_STEP = Recipe(tangent_sums, tangent_is_exact, fast_layca_step,
-                    careful_layca_step, _step_free, sample_estimates)
+                    careful_layca_step, _step_free, sample_estimates,
+                    raw_tangent_sums, raw_sums_serve)
 BACK_ON_SPHERE = Recipe(sphere_sums, sphere_is_exact, fast_back_on_sphere,
                         careful_back_on_sphere,
                         lambda sums, n0: _sphere_free(sums, n0))
 LAYCA_UPDATE = Recipe(tangent_sums, tangent_is_exact, fast_layca_update,
-                      careful_layca_update, _update_free, sample_estimates)
+                      careful_layca_update, _update_free, sample_estimates,
+                      raw_tangent_sums, raw_sums_serve)
 
 
 def leaf_sums(recipe: Recipe, specs: Sequence[LayerSpec],
               w_leaves: Sequence[jax.Array], d_leaves: Sequence[jax.Array],
               axis_names: Sequence[Any]) -> list[NamedTuple]:
-  """``recipe.sums`` of each leaf, its estimates taken once per mesh axis."""
+  """``recipe.sums`` of each leaf, its estimates taken once per mesh axis.
+
+  Where :func:`shared_operands_cost_a_pass`, the leaves take
+  ``recipe.raw_sums`` instead (the same values, fewer passes there) behind
+  one ``lax.cond`` when ``recipe.raw_sums_serve`` on every one of them.
+  """
   extra: list[tuple] = [()] * len(specs)
   if recipe.estimates is not None:
     by_axis: dict[Any, list[int]] = {}
@@ -631,8 +686,18 @@ def leaf_sums(recipe: Recipe, specs: Sequence[LayerSpec],
                                    [d_leaves[k] for k in ks], axis_name)
       for k, leaf_estimates in zip(ks, estimates):
         extra[k] = (leaf_estimates,)
-  return [recipe.sums(spec, w, d, axis_name, *more) for spec, w, d, axis_name,
-          more in zip(specs, w_leaves, d_leaves, axis_names, extra)]
+
+  def sums(form):
+    return [form(spec, w, d, axis_name, *more) for spec, w, d, axis_name, more
+            in zip(specs, w_leaves, d_leaves, axis_names, extra)]
+
+  if recipe.raw_sums is None or not shared_operands_cost_a_pass():
+    return sums(recipe.sums)
+  raw_serves = jnp.all(jnp.stack([
+      recipe.raw_sums_serve(spec, more[0], nx.accumulation_dtype(w.dtype))
+      for spec, w, more in zip(specs, w_leaves, extra)]))
+  return jax.lax.cond(raw_serves, lambda: sums(recipe.raw_sums),
+                      lambda: sums(recipe.sums))
 
 
 def fast_serves(recipe: Recipe, sums: NamedTuple, n0: jax.Array) -> jax.Array:
@@ -650,6 +715,34 @@ def _select(where: jax.Array, a: Coefficients, b: Coefficients) -> Coefficients:
   return Coefficients(*(jnp.where(where, x, y) for x, y in zip(a, b)))
 
 
+def compiling_for() -> str:
+  """The platform the update is traced for: ``jax.default_backend()``.
+
+  Read when tracing by :func:`leaves_stay_on_chip` and
+  :func:`shared_operands_cost_a_pass`, which lay the same update out for
+  that platform's compiler (benchmarks and tests that trace for another
+  platform replace this function).
+  """
+  return jax.default_backend()
+
+
+def shared_operands_cost_a_pass() -> bool:
+  """Whether XLA writes out an elementwise result that several reductions
+  read, and reads it back for each.
+
+  XLA:CPU does: it fuses a reduction with its producers only when nothing
+  else reads them, and then only simple ones, so :func:`tangent_sums`'s
+  scaled weights and centred step are written out and read back
+  (GPT-2-small/4: ``lx.layca_sgd`` ~4.4x ``optax.sgd``). Where the sample
+  allows it, :func:`raw_tangent_sums` reads each sum from the inputs as
+  they are, behind one ``lax.cond`` for the tree (a conditional per leaf
+  cost XLA:CPU ~0.6x ``optax.sgd``; one for the tree, nothing measurable).
+  XLA:GPU and XLA:TPU fuse sibling reductions with what they share: one
+  form, no conditional. Numbers: benchmarks/README.md.
+  """
+  return compiling_for() == 'cpu'
+
+
 def leaves_stay_on_chip() -> bool:
   """Whether XLA keeps a leaf's arrays in on-chip memory between the fusions
   that read them, as long as nothing waits on other leaves in between.
@@ -662,11 +755,11 @@ def leaves_stay_on_chip() -> bool:
   traffic on GPT-2-small, SGD / momentum / Adam, 1.59x / 1.41x / 1.35x their
   optax base, against 1.67x / 1.66x / 1.61x with neither. Elsewhere
   the tree keeps one switch (on GPU each conditional costs tens of
-  microseconds per step). Decided when tracing, from the default backend;
+  microseconds per step). Decided when tracing (:func:`compiling_for`);
   either way gives the same update to float32 rounding (only which leaves
   take the careful branch differs). Numbers: benchmarks/README.md.
   """
-  return jax.default_backend() == 'tpu'
+  return compiling_for() == 'tpu'
 
 
 def coefficients(recipe: Recipe, specs: Sequence[LayerSpec | None],

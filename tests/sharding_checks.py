@@ -467,20 +467,20 @@ def check_traced_as_on_tpu() -> None:
   """What a TPU backend traces (one switch per layer leaf, no barrier on the
   base's direction: ``_closed_form.leaves_stay_on_chip``), with jit and FSDP
   shardings and inside shard_map, matches the one-device run traced as on
-  CPU (one switch, the barrier)."""
+  CPU (one switch, the barrier, the sums read raw)."""
   from layca_jax import _closed_form
   params = make_params()
   grads_seq = make_grads(params)
   expected = reference_runs(params, grads_seq)
-  on_chip = _closed_form.leaves_stay_on_chip
-  _closed_form.leaves_stay_on_chip = lambda: True
+  platform = _closed_form.compiling_for
+  _closed_form.compiling_for = lambda: 'tpu'
   try:
     check_layouts_placed('fsdp', names=CORE)
     got = shard_map_train_all(params, grads_seq, mesh_for('fsdp'),
                               fsdp_specs(params), 'x', CORE)
     assert_all_close(got, expected, 'shard_map(fsdp), traced as on TPU', CORE)
   finally:
-    _closed_form.leaves_stay_on_chip = on_chip
+    _closed_form.compiling_for = platform
 
 
 CHECKS = {name[len('check_'):]: fn for name, fn in sorted(globals().items())

@@ -87,6 +87,7 @@ def test_bench_update_warm_rows(tmp_path):
         assert r['loss_end'] < 0.8 * r['loss_start']
       else:  # Random gradients: every unit has a step, well conditioned.
         assert r['dead'] == 0 and r['parallel'] == 0 and r['branch'] == 'fast'
+        assert r['sums'] in ('raw', 'one form')
 
 
 @pytest.fixture
@@ -119,6 +120,9 @@ def test_census_counts_dead_and_parallel_units(benchmarks):
   assert census['unit_count'] == 8
   assert census['dead'] == 1 and census['parallel'] == 2
   assert census['branch'] in ('fast', 'careful')
+  # Two units to centre: XLA:CPU's layout takes the scaled, centred sums.
+  on_cpu = jax.default_backend() == 'cpu'
+  assert census['sums'] == ('scaled' if on_cpu else 'one form')
 
 
 # A compiled XLA:TPU program's shape, by hand: w (HBM) is read by a sample

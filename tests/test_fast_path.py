@@ -496,6 +496,77 @@ def test_estimates_of_a_group_are_each_leafs_own(seed, scales):
       np.testing.assert_array_equal(x, y)
 
 
+
+def _raw_sums_case(seed, w_exp, d_exp, per_neuron, parallel=False):
+  """A stacked leaf at scales 2^w_exp, 2^d_exp, one unit with a zero step
+  (and with ``parallel``, one with a step along its weights), its estimates."""
+  rng = np.random.default_rng(seed)
+  spec = LayerSpec('k', (2, 24, 10), 1, per_neuron)
+  w = np.ldexp(rng.normal(size=spec.shape), w_exp)
+  d = np.ldexp(rng.normal(size=spec.shape), d_exp)
+  d[0, :, 0] = 0.0
+  if parallel:
+    d[1] = np.ldexp(w[1], d_exp - w_exp) * (1.0 + 1e-4 * rng.normal(
+        size=w[1].shape))
+  w, d = jnp.asarray(w, jnp.float32), jnp.asarray(d, jnp.float32)
+  (estimates,) = cf.sample_estimates([spec], [w], [d], None)
+  return spec, w, d, estimates
+
+
+@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2 ** 16),
+                  w_exp=st.integers(-30, 30), d_exp=st.integers(-30, 30),
+                  per_neuron=st.booleans())
+def test_raw_sums_are_the_scaled_sums_where_they_serve(
+    seed, w_exp, d_exp, per_neuron):
+  """Where no unit is centred and the sample's peaks are in band, the sums
+  read from the raw inputs (what XLA:CPU is given) are those of the scaled,
+  centred form to float32 rounding, zero units included."""
+  spec, w, d, estimates = _raw_sums_case(seed, w_exp, d_exp, per_neuron)
+  assert cf.raw_sums_serve(spec, estimates, jnp.float32)
+  both = [jax.jit(form, static_argnums=(0, 3))(spec, w, d, None, estimates)
+          for form in (cf.tangent_sums, cf.raw_tangent_sums)]
+  (ww, ew, ee), (ww2, ew2, ee2) = (sums[:3] for sums in both)
+  np.testing.assert_allclose(ww2, ww, rtol=1e-6, atol=0)
+  np.testing.assert_allclose(ee2, ee, rtol=1e-6, atol=0)
+  # A signed sum: rounding relative to the terms' size, not to the sum's.
+  assert np.all(np.abs(ew2 - ew) <= 1e-6 * np.sqrt(ww * ee))
+
+
+@pytest.mark.parametrize('w_exp,d_exp,parallel', [
+    (0, -60, False), (0, 70, False), (-60, 0, False), (70, 0, False),
+    (0, -3, True)])
+def test_raw_sums_do_not_serve_far_from_unit_scale_or_a_centred_unit(
+    w_exp, d_exp, parallel):
+  """Peaks out of band (where plain float32 products would flush terms
+  that matter, or overflow) or a unit to centre: the scaled form serves."""
+  spec, _, _, estimates = _raw_sums_case(0, w_exp, d_exp, True, parallel)
+  assert not cf.raw_sums_serve(spec, estimates, jnp.float32)
+  if parallel:
+    assert np.any(estimates[-1] != 0)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU layout')
+def test_on_xla_cpu_each_raw_sum_reads_the_inputs():
+  """The reason for the raw form: XLA:CPU writes out the scaled weights and
+  the centred step that the scaled form's sums share (arrays the size of the
+  leaf), and nothing of that size in the raw form."""
+  spec = LayerSpec('k', (256, 128), 0, False)
+  w = jnp.ones(spec.shape)
+  d = jnp.full(spec.shape, 0.5)
+  (estimates,) = cf.sample_estimates([spec], [w], [d], None)
+
+  def leaf_sized_results(form):
+    fn = jax.jit(lambda w, d, e: form(spec, w, d, None, e)[:3])
+    hlo = fn.lower(w, d, estimates).compile().as_text()
+    entry = hlo[hlo.index('ENTRY'):]
+    return sum(1 for line in entry.splitlines()
+               if ' fusion(' in line and '[256,128]' in line.split('=')[1]
+               .split('fusion(')[0])
+
+  assert leaf_sized_results(cf.tangent_sums) >= 1
+  assert leaf_sized_results(cf.raw_tangent_sums) == 0
+
 @pytest.mark.parametrize('base', ['momentum', 'adam'])
 def test_vmapped_and_differentiated_updates(base):
   """An ensemble (``jax.vmap`` over members) gets each member's own update,
@@ -548,7 +619,8 @@ def test_a_switch_per_leaf_keeps_the_other_leaves_fast(make, monkeypatch):
   original = cf.use_fast
 
   def update(per_leaf):
-    monkeypatch.setattr(cf, 'leaves_stay_on_chip', lambda: per_leaf)
+    monkeypatch.setattr(cf, 'compiling_for',
+                        lambda: 'tpu' if per_leaf else 'gpu')
     decisions = []
     monkeypatch.setattr(cf, 'use_fast', lambda serves: decisions.append(
         bool(original(serves))) or decisions[-1])
@@ -568,12 +640,12 @@ def test_a_switch_per_leaf_keeps_the_other_leaves_fast(make, monkeypatch):
 
 
 @pytest.mark.parametrize('base', ['momentum', 'adam'])
-def test_where_leaves_stay_on_chip_each_leaf_is_left_to_itself(base,
-                                                              monkeypatch):
+def test_each_platform_lays_out_the_same_update(base, monkeypatch):
   """Traced for XLA:TPU (``leaves_stay_on_chip``), nothing waits on the whole
-  tree: one switch per layer leaf and no barrier on the base's direction, so
-  XLA can keep each leaf on chip between its passes. Elsewhere one switch
-  and one barrier (the direction computed once). The same update."""
+  tree: one switch per layer leaf and no barrier on the base's direction.
+  For XLA:GPU one switch and one barrier (the direction computed once); for
+  XLA:CPU also one conditional choosing to read the sums raw
+  (``shared_operands_cost_a_pass``). The same update on all three."""
   rng = np.random.default_rng(6)
   params = {'a': rng.normal(size=(8, 6)), 'b': rng.normal(size=(16, 8)),
             'bias': np.zeros(8)}
@@ -581,8 +653,8 @@ def test_where_leaves_stay_on_chip_each_leaf_is_left_to_itself(base,
   grads = jax.tree.map(
       lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
 
-  def traced(on_chip):
-    monkeypatch.setattr(cf, 'leaves_stay_on_chip', lambda: on_chip)
+  def traced(platform):
+    monkeypatch.setattr(cf, 'compiling_for', lambda: platform)
     tx = BASES[base][0](0.1)
 
     def step(params, grads):
@@ -593,10 +665,11 @@ def test_where_leaves_stay_on_chip_each_leaf_is_left_to_itself(base,
         e.primitive.name for e in jax.make_jaxpr(step)(params, grads).eqns)
     return top, jax.jit(step)(params, grads)
 
-  on_chip, on_chip_updates = traced(True)
-  elsewhere, updates = traced(False)
-  assert on_chip['cond'] == 2 * 2 and 'optimization_barrier' not in on_chip
-  assert elsewhere['cond'] == 2 and elsewhere['optimization_barrier'] == 2
+  (tpu, tpu_updates), (gpu, updates), (cpu, cpu_updates) = map(
+      traced, ['tpu', 'gpu', 'cpu'])
+  assert tpu['cond'] == 2 * 2 and 'optimization_barrier' not in tpu
+  assert gpu['cond'] == 2 and gpu['optimization_barrier'] == 2
+  assert cpu['cond'] == 2 * 2 and cpu['optimization_barrier'] == 2
   for k in params:
-    np.testing.assert_allclose(on_chip_updates[k], updates[k], rtol=1e-6,
-                               atol=1e-7)
+    for other in (tpu_updates, cpu_updates):
+      np.testing.assert_allclose(other[k], updates[k], rtol=1e-6, atol=1e-7)
