@@ -352,7 +352,7 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
     jax.block_until_ready(tx.update(grads, state, params))
   switch = [b.index for b in taken
             if b.site == '_closed_form._switched_coefficients']
-  raw = [b.index for b in taken if b.site == '_closed_form.leaf_sums']
+  raw = [b.index for b in taken if b.site == '_closed_form.group_sums']
   branch = branch_name(switch)
   form = ('raw' if all(raw) else 'scaled') if raw else 'one form'
   try:

@@ -226,8 +226,8 @@ Estimates = tuple[jax.Array, jax.Array, jax.Array]
 
 
 def sample_estimates(specs: Sequence[LayerSpec], w_leaves: Sequence[jax.Array],
-                     d_leaves: Sequence[jax.Array], axis_name) -> list[Estimates]:
-  """Per leaf, ``(w_exp, d_exp, centre)`` per unit, from a sample of each unit.
+                     d_leaves: Sequence[jax.Array], axis_name) -> Estimates:
+  """``(w_exp, d_exp, centre)`` per unit, from a sample of each unit.
 
   The exponents bring the sample's largest entries into ``[0.5, 1)``; the
   centre estimates ``c`` (in those scaled units) when the sample says the
@@ -237,7 +237,7 @@ def sample_estimates(specs: Sequence[LayerSpec], w_leaves: Sequence[jax.Array],
   its unit sends that unit's switch to the careful branch. The samples of
   all leaves given (sharing ``axis_name``) are laid end to end first: the
   statistics are a few small kernels for all of them, not a few per leaf.
-  Each shaped ``spec.keepdims_shape``.
+  Each flat, over the units of all leaves in :class:`UnitLayout` order.
   """
   def rows(leaves):
     return jnp.concatenate([_sample_rows(nx.upcast(x), spec)
@@ -258,9 +258,7 @@ def sample_estimates(specs: Sequence[LayerSpec], w_leaves: Sequence[jax.Array],
   usable = (sww > 0) & (sdd > 0) & jnp.isfinite(sww) & jnp.isfinite(sdd)
   c = sdw / jnp.where(usable, sww, 1.0)
   parallel = usable & (sdd - c * sdw < _CENTRE_BELOW * sdd)
-  layout = UnitLayout(specs)
-  return list(zip(*(layout.split(x) for x in
-                    (w_exp, d_exp, jnp.where(parallel, c, 0.0)))))
+  return w_exp, d_exp, jnp.where(parallel, c, 0.0)
 
 
 def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array, axis_name,
@@ -271,10 +269,12 @@ def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array, axis_name,
   rather than one variadic reduction: XLA:GPU fuses sibling reductions into
   one kernel, and on XLA:CPU the variadic form gave no consistent gain
   (``benchmarks/bench_sum_forms.py``). ``estimates`` are this leaf's
-  :func:`sample_estimates` (taken here when not given).
+  :func:`sample_estimates`, shaped ``spec.keepdims_shape`` (taken here when
+  not given).
   """
   if estimates is None:
-    estimates = sample_estimates([spec], [w], [d], axis_name)[0]
+    estimates = tuple(x.reshape(spec.keepdims_shape) for x in
+                      sample_estimates([spec], [w], [d], axis_name))
   w_exp, d_exp, centre = estimates
   one = jnp.ones((), centre.dtype)
   w_hat = nx.upcast(w) * jnp.ldexp(one, -w_exp)
@@ -284,46 +284,69 @@ def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array, axis_name,
                      nx.unit_sum(e * e, spec, axis_name), w_exp, d_exp, centre)
 
 
-def _raw_exponent_band(spec: LayerSpec, dtype: Any) -> tuple[int, int]:
-  """Sample peak exponents ``[lo, hi]`` within which a unit's plain products
-  in ``dtype`` lose nothing that matters: no sum overflows, and the terms
-  flushed to zero (each below the smallest normal) add up to less than
-  2^-6 of a rounding step of the unit's largest square."""
+def raw_exponent_band(specs: Sequence[LayerSpec],
+                      dtype: Any) -> tuple[int, int]:
+  """Sample peak exponents ``[lo, hi]`` within which the units of ``specs``
+  lose nothing that matters to plain products in ``dtype``: no sum
+  overflows, and the terms flushed to zero (each below the smallest normal)
+  add up to less than 2^-6 of a rounding step of the unit's largest square."""
   info = jnp.finfo(dtype)
-  n = max(math.prod(spec.shape[a] for a in spec.reduce_axes), 2)
+  n = max([math.prod(spec.shape[a] for a in spec.reduce_axes)
+           for spec in specs] + [2])
   log_n = math.ceil(math.log2(n))
   return ((log_n + info.minexp + info.nmant + 11 + 1) // 2,
           (info.maxexp - 2 - log_n) // 2)
 
 
-def raw_sums_serve(spec: LayerSpec, estimates: Estimates,
-                   dtype: Any) -> jax.Array:
-  """Whether :func:`raw_tangent_sums` gives this leaf's sums: no unit is
-  centred and each unit's sample peaks sit in :func:`_raw_exponent_band`."""
+def raw_sums_serve(estimates: Estimates, band: tuple[int, int]) -> jax.Array:
+  """Whether :func:`raw_tangent_sums` give the units' sums: none is centred
+  and every sample peak sits in ``band`` (:func:`raw_exponent_band`)."""
   w_exp, d_exp, centre = estimates
-  lo, hi = _raw_exponent_band(spec, dtype)
+  lo, hi = band
   in_band = lambda e: jnp.all((e >= lo) & (e <= hi))
   return jnp.all(centre == 0) & in_band(w_exp) & in_band(d_exp)
 
 
-def raw_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array, axis_name,
-                     estimates: Estimates) -> TangentSums:
-  """:func:`tangent_sums` where :func:`raw_sums_serve`, each sum read as one
-  product of the inputs as they are, scaled afterwards.
+def raw_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
+                     axis_name) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``<w,w>``, ``<d,w>``, ``<d,d>`` of the inputs as they are, each read as
+  one product: no elementwise result feeds two reductions, which XLA:CPU
+  would write out and read back (:func:`shared_operands_cost_a_pass`)."""
+  w32, d32 = nx.upcast(w), nx.upcast(d)
+  return (nx.unit_sum(w32 * w32, spec, axis_name),
+          nx.unit_sum(d32 * w32, spec, axis_name),
+          nx.unit_sum(d32 * d32, spec, axis_name))
+
+
+def scale_raw_tangent_sums(raw: Sequence[jax.Array],
+                           estimates: Estimates) -> TangentSums:
+  """:func:`tangent_sums` from :func:`raw_tangent_sums` where
+  :func:`raw_sums_serve`, scaled afterwards by the estimates' powers of two.
 
   Scaling by a power of two commutes with rounding between the normal
-  bounds, so the sums are those of the scaled values but for terms far
-  below their rounding; no elementwise result feeds two reductions, which
-  XLA:CPU would write out and read back (:func:`shared_operands_cost_a_pass`).
-  A unit whose peak the sample missed by far enough to overflow gets
-  non-finite sums, and the careful branch.
+  bounds, so these are the sums of the scaled values but for terms far below
+  their rounding. A unit whose peak the sample missed by far enough to
+  overflow gets non-finite sums, and the careful branch.
   """
+  ww, dw, dd = raw
   w_exp, d_exp, centre = estimates
-  w32, d32 = nx.upcast(w), nx.upcast(d)
-  scaled = lambda x, e: jnp.ldexp(nx.unit_sum(x, spec, axis_name), -e)
-  return TangentSums(scaled(w32 * w32, 2 * w_exp),
-                     scaled(d32 * w32, w_exp + d_exp),
-                     scaled(d32 * d32, 2 * d_exp), w_exp, d_exp, centre)
+  return TangentSums(jnp.ldexp(ww, -2 * w_exp), jnp.ldexp(dw, -w_exp - d_exp),
+                     jnp.ldexp(dd, -2 * d_exp), w_exp, d_exp, centre)
+
+
+class RawSums(NamedTuple):
+  """A recipe's sums read from the inputs as they are (see
+  :func:`shared_operands_cost_a_pass`): ``sums(spec, w, d, axis_name)`` per
+  leaf; ``scaled(raw, estimates)`` turns them, concatenated, into the
+  recipe's sums, which they are where ``serve(estimates, band)``."""
+
+  sums: Callable[..., tuple[jax.Array, ...]]
+  scaled: Callable[..., Any]
+  serve: Callable[..., jax.Array]
+
+
+RAW_TANGENT_SUMS = RawSums(raw_tangent_sums, scale_raw_tangent_sums,
+                           raw_sums_serve)
 
 
 def _in_scaled_range(sum_of_squares: jax.Array) -> jax.Array:
@@ -640,9 +663,8 @@ class Recipe(NamedTuple):
   *per_unit, axis_name)`` on one leaf. ``free`` gives the coefficients of
   units whose initial norm ``n0`` is zero. ``estimates(specs, ws, ds,
   axis_name)``, when given, is taken once for the leaves of a group that
-  share ``axis_name`` and passed on to each leaf's ``sums``; ``raw_sums``,
-  when given, equals ``sums`` on the leaves where ``raw_sums_serve(spec,
-  estimates, dtype)``.
+  share ``axis_name`` and passed on to each leaf's ``sums``; ``raw``, when
+  given, is the same sums read from the inputs as they are.
   """
 
   sums: Callable[..., Any]
@@ -650,54 +672,68 @@ class Recipe(NamedTuple):
   fast: Callable[..., Coefficients]
   careful: Callable[..., Coefficients]
   free: Callable[..., Coefficients]
-  estimates: Callable[..., list[Any]] | None = None
-  raw_sums: Callable[..., Any] | None = None
-  raw_sums_serve: Callable[..., jax.Array] | None = None
+  estimates: Callable[..., Estimates] | None = None
+  raw: RawSums | None = None
 
 
 LAYCA_STEP = Recipe(tangent_sums, tangent_is_exact, fast_layca_step,
                     careful_layca_step, _step_free, sample_estimates,
-                    raw_tangent_sums, raw_sums_serve)
+                    RAW_TANGENT_SUMS)
 BACK_ON_SPHERE = Recipe(sphere_sums, sphere_is_exact, fast_back_on_sphere,
                         careful_back_on_sphere,
                         lambda sums, n0: _sphere_free(sums, n0))
 LAYCA_UPDATE = Recipe(tangent_sums, tangent_is_exact, fast_layca_update,
                       careful_layca_update, _update_free, sample_estimates,
-                      raw_tangent_sums, raw_sums_serve)
+                      RAW_TANGENT_SUMS)
 
 
-def leaf_sums(recipe: Recipe, specs: Sequence[LayerSpec],
-              w_leaves: Sequence[jax.Array], d_leaves: Sequence[jax.Array],
-              axis_names: Sequence[Any]) -> list[NamedTuple]:
-  """``recipe.sums`` of each leaf, its estimates taken once per mesh axis.
+def group_sums(recipe: Recipe, layout: UnitLayout,
+               specs: Sequence[LayerSpec], w_leaves: Sequence[jax.Array],
+               d_leaves: Sequence[jax.Array],
+               axis_names: Sequence[Any]) -> NamedTuple:
+  """``recipe.sums`` of the leaves, laid end to end (``layout``), with the
+  estimates taken once per mesh axis.
 
   Where :func:`shared_operands_cost_a_pass`, the leaves take
-  ``recipe.raw_sums`` instead (the same values, fewer passes there) behind
-  one ``lax.cond`` when ``recipe.raw_sums_serve`` on every one of them.
+  ``recipe.raw`` instead (the same values, fewer passes there) behind one
+  ``lax.cond`` when it serves every one of their units.
   """
-  extra: list[tuple] = [()] * len(specs)
-  if recipe.estimates is not None:
-    by_axis: dict[Any, list[int]] = {}
-    for k, axis_name in enumerate(axis_names):
-      by_axis.setdefault(axis_name, []).append(k)
+  def each_leaf(form, *extra):
+    return [form(spec, w, d, axis_name, *more) for spec, w, d, axis_name, *more
+            in zip(specs, w_leaves, d_leaves, axis_names, *extra)]
+
+  if recipe.estimates is None:
+    return layout.concat_fields(each_leaf(recipe.sums))
+  by_axis: dict[Any, list[int]] = {}
+  for k, axis_name in enumerate(axis_names):
+    by_axis.setdefault(axis_name, []).append(k)
+  if len(by_axis) == 1:
+    estimates = recipe.estimates(specs, w_leaves, d_leaves, axis_names[0])
+  else:
+    per_leaf: list[Any] = [None] * len(specs)
     for axis_name, ks in by_axis.items():
-      estimates = recipe.estimates([specs[k] for k in ks],
-                                   [w_leaves[k] for k in ks],
-                                   [d_leaves[k] for k in ks], axis_name)
-      for k, leaf_estimates in zip(ks, estimates):
-        extra[k] = (leaf_estimates,)
+      group = UnitLayout([specs[k] for k in ks])
+      flat = recipe.estimates([specs[k] for k in ks],
+                              [w_leaves[k] for k in ks],
+                              [d_leaves[k] for k in ks], axis_name)
+      for k, *leaf in zip(ks, *map(group.split, flat)):
+        per_leaf[k] = leaf
+    estimates = tuple(map(layout.concat, zip(*per_leaf)))
 
-  def sums(form):
-    return [form(spec, w, d, axis_name, *more) for spec, w, d, axis_name, more
-            in zip(specs, w_leaves, d_leaves, axis_names, extra)]
+  # Split here, inside the branch that uses them: outside, XLA:CPU would
+  # write out each leaf's estimates before the conditional.
+  scaled = lambda: layout.concat_fields(each_leaf(
+      recipe.sums, list(zip(*map(layout.split, estimates)))))
+  if recipe.raw is None or not shared_operands_cost_a_pass():
+    return scaled()
 
-  if recipe.raw_sums is None or not shared_operands_cost_a_pass():
-    return sums(recipe.sums)
-  raw_serves = jnp.all(jnp.stack([
-      recipe.raw_sums_serve(spec, more[0], nx.accumulation_dtype(w.dtype))
-      for spec, w, more in zip(specs, w_leaves, extra)]))
-  return jax.lax.cond(raw_serves, lambda: sums(recipe.raw_sums),
-                      lambda: sums(recipe.sums))
+  def raw():
+    sums = map(layout.concat, zip(*each_leaf(recipe.raw.sums)))
+    return recipe.raw.scaled(tuple(sums), estimates)
+
+  dtype = nx.accumulation_dtype(w_leaves[0].dtype)
+  serves = recipe.raw.serve(estimates, raw_exponent_band(specs, dtype))
+  return jax.lax.cond(serves, raw, scaled)
 
 
 def fast_serves(recipe: Recipe, sums: NamedTuple, n0: jax.Array) -> jax.Array:
@@ -735,7 +771,7 @@ def shared_operands_cost_a_pass() -> bool:
   scaled weights and centred step are written out and read back
   (GPT-2-small/4: ``lx.layca_sgd`` ~4.4x ``optax.sgd``). Where the sample
   allows it, :func:`raw_tangent_sums` reads each sum from the inputs as
-  they are, behind one ``lax.cond`` for the tree (a conditional per leaf
+  they are, behind one ``lax.cond`` for the tree (:func:`group_sums`) (a conditional per leaf
   cost XLA:CPU ~0.6x ``optax.sgd``; one for the tree, nothing measurable).
   XLA:GPU and XLA:TPU fuse sibling reductions with what they share: one
   form, no conditional. Numbers: benchmarks/README.md.
@@ -813,11 +849,10 @@ def _switched_coefficients(recipe: Recipe, specs, w_leaves, d_leaves,
     flat = [layout.concat([jnp.asarray(values[i]).astype(dtype)
                            for i in ids])
             for values in (n0s, *per_unit)]
-    sums = layout.concat_fields(leaf_sums(
-        recipe, [specs[i] for i in ids],
-        [w_leaves[i].astype(dtype) for i in ids],
-        [d_leaves[i].astype(dtype) for i in ids],
-        [axis_names[i] for i in ids]))
+    sums = group_sums(recipe, layout, [specs[i] for i in ids],
+                      [w_leaves[i].astype(dtype) for i in ids],
+                      [d_leaves[i].astype(dtype) for i in ids],
+                      [axis_names[i] for i in ids])
     prepared.append((ids, layout, flat, sums))
 
   def fast():
