@@ -74,7 +74,6 @@ import layca_jax as lx
 from layca_jax import _closed_form
 
 SGD = 'optax.sgd'
-FLOOR = 'floor: two-pass closed form (this script)'
 
 
 def libtpu_missing() -> str | None:
@@ -308,28 +307,6 @@ def toy_cond(sharding) -> dict[str, Any]:
 # The rows.
 
 
-def floor_layca_sgd(rate: float) -> optax.GradientTransformation:
-  """Layca-SGD per layer (leaves of rank >= 2; others frozen) in its plainest
-  closed form: three sums per leaf, then ``update = (a + b c - 1) w - b g``.
-  No range checks, no fallback, no state but the initial norms: a reference
-  for the bytes, not an optimizer to use."""
-
-  def update(grads, norms, params):
-    def one(g, w, n0):
-      if w.ndim < 2:
-        return jnp.zeros_like(w)
-      ww, gw, gg = jnp.sum(w * w), jnp.sum(g * w), jnp.sum(g * g)
-      c = gw / ww
-      k = n0 / jnp.sqrt(1.0 + rate * rate)
-      a, b = k * jax.lax.rsqrt(ww), rate * k * jax.lax.rsqrt(gg - c * gw)
-      return (a + b * c - 1.0) * w - b * g
-    return jax.tree.map(one, grads, params, norms), norms
-
-  return optax.GradientTransformation(
-      lambda params: jax.tree.map(lambda w: jnp.sqrt(jnp.sum(w * w)), params),
-      update)
-
-
 class Row(NamedTuple):
   """An optimizer to compile: its transformation, matching optax base, the
   library patch of an ablation row, and steps taken before the measured one."""
@@ -350,7 +327,6 @@ def tracking(every: int, recorded: bool) -> tuple[str, Row]:
 def all_rows(every: int) -> dict[str, Row]:
   rows = {name: Row(make, base, patch[0] if patch else None)
           for name, (make, base, _, *patch) in bench_update.OPTIMIZERS.items()}
-  rows[FLOOR] = Row(lambda: floor_layca_sgd(bench_update.RATE), SGD)
   rows.update(tracking(every, recorded) for recorded in (True, False))
   return rows
 

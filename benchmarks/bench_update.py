@@ -88,6 +88,28 @@ def fast_branch_always(params):
   return patched(_closed_form, use_fast=lambda *_, **__: jnp.array(True))
 
 
+def floor_layca_sgd(rate: float) -> optax.GradientTransformation:
+  """Layca-SGD per layer (leaves of rank >= 2; others frozen) in its plainest
+  closed form: three sums per leaf, then ``update = (a + b c - 1) w - b g``.
+  No range checks, no fallback, no state but the initial norms: a reference
+  for the passes, not an optimizer to use."""
+
+  def update(grads, norms, params):
+    def one(g, w, n0):
+      if w.ndim < 2:
+        return jnp.zeros_like(w)
+      ww, gw, gg = jnp.sum(w * w), jnp.sum(g * w), jnp.sum(g * g)
+      c = gw / ww
+      k = n0 / jnp.sqrt(1.0 + rate * rate)
+      a, b = k * jax.lax.rsqrt(ww), rate * k * jax.lax.rsqrt(gg - c * gw)
+      return (a + b * c - 1.0) * w - b * g
+    return jax.tree.map(one, grads, params, norms), norms
+
+  return optax.GradientTransformation(
+      lambda params: jax.tree.map(lambda w: jnp.sqrt(jnp.sum(w * w)), params),
+      update)
+
+
 # name -> (make transformation, matching optax base name or None, min passes,
 #          patch of the library while tracing, for the ablation rows)
 OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation],
@@ -102,6 +124,8 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation],
         lambda: optax.chain(lx.layca(), optax.sgd(RATE), lx.keep_norm()),
         'optax.sgd', 5),
     'lx.layca_sgd': (lambda: lx.layca_sgd(RATE), 'optax.sgd', 5),
+    'floor: two-pass closed form': (lambda: floor_layca_sgd(RATE), 'optax.sgd',
+                                    5),
     'lx.layca_sgd (careful path)': (lambda: lx.layca_sgd(RATE), 'optax.sgd', 5,
                                     careful_branch_always),
     'lx.layca_sgd (ablation: no switch)': (

@@ -771,8 +771,9 @@ def shared_operands_cost_a_pass() -> bool:
   scaled weights and centred step are written out and read back
   (GPT-2-small/4: ``lx.layca_sgd`` ~4.4x ``optax.sgd``). Where the sample
   allows it, :func:`raw_tangent_sums` reads each sum from the inputs as
-  they are, behind one ``lax.cond`` for the tree (:func:`group_sums`) (a conditional per leaf
-  cost XLA:CPU ~0.6x ``optax.sgd``; one for the tree, nothing measurable).
+  they are, behind one ``lax.cond`` for the tree (:func:`group_sums`; a
+  conditional per leaf cost XLA:CPU ~0.6x ``optax.sgd``, one for the tree
+  nothing measurable).
   XLA:GPU and XLA:TPU fuse sibling reductions with what they share: one
   form, no conditional. Numbers: benchmarks/README.md.
   """

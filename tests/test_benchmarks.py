@@ -236,7 +236,7 @@ def test_bench_tpu_aot_whole_program_and_path_taken(tmp_path):
   track = 'chain(sgd, track_rotation(every=2)), {} step'
   names = ['lx.layca_sgd', 'lx.layca_sgd (careful path)',
            'lx.layca_sgd (ablation: no switch)',
-           'floor: two-pass closed form (this script)',
+           'floor: two-pass closed form',
            track.format('recorded'), track.format('other')]
   result = run_benchmark('bench_tpu_aot', tmp_path, '--every', '2', '--only',
                          *names, tiny=('--models', 'smoke'))
