@@ -497,6 +497,34 @@ def test_estimates_of_a_group_are_each_leafs_own(seed, scales):
       np.testing.assert_array_equal(x.ravel(), y)
 
 
+@pytest.mark.parametrize('platform', ['cpu', 'gpu', 'tpu'])
+def test_leaves_on_different_mesh_axes_update_as_unsplit(platform,
+                                                         monkeypatch):
+  """Leaves reduced over different mesh axes (one split along the vmapped
+  axis ``x``, one whole) take their estimates per axis and are laid end to
+  end again: the update is that of the unsplit tree, in each platform's
+  layout."""
+  monkeypatch.setattr(cf, 'compiling_for', lambda: platform)
+  rng = np.random.default_rng(8)
+  params = {'a': jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
+            'b': jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)}
+  grads = jax.tree.map(lambda x: jnp.asarray(
+      rng.normal(size=x.shape), jnp.float32), params)
+  want, _ = lx.layca_sgd(0.1).update(grads, lx.layca_sgd(0.1).init(params),
+                                     params)
+  tx = lx.layca_sgd(0.1, axis_name={'a': 'x', 'b': None})
+  split = lambda tree: {'a': tree['a'].reshape(2, 4, 6), 'b': tree['b']}
+
+  def update(params, grads):
+    return tx.update(grads, tx.init(params), params)[0]
+
+  got = jax.vmap(update, in_axes=({'a': 0, 'b': None},) * 2, axis_name='x',
+                 out_axes={'a': 0, 'b': None})(split(params), split(grads))
+  np.testing.assert_allclose(got['a'].reshape(8, 6), want['a'], rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(got['b'], want['b'], rtol=1e-5, atol=1e-7)
+
+
 def _raw_sums_case(seed, w_exp, d_exp, per_neuron, parallel=False):
   """A stacked leaf at scales 2^w_exp, 2^d_exp, one unit with a zero step
   (and with ``parallel``, one with a step along its weights), its estimates."""
