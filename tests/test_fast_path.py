@@ -518,8 +518,9 @@ def test_leaves_on_different_mesh_axes_update_as_unsplit(platform,
   def update(params, grads):
     return tx.update(grads, tx.init(params), params)[0]
 
-  got = jax.vmap(update, in_axes=({'a': 0, 'b': None},) * 2, axis_name='x',
-                 out_axes={'a': 0, 'b': None})(split(params), split(grads))
+  got = jax.jit(jax.vmap(update, in_axes=({'a': 0, 'b': None},) * 2,
+                         axis_name='x', out_axes={'a': 0, 'b': None}))(
+                             split(params), split(grads))
   np.testing.assert_allclose(got['a'].reshape(8, 6), want['a'], rtol=1e-5,
                              atol=1e-7)
   np.testing.assert_allclose(got['b'], want['b'], rtol=1e-5, atol=1e-7)
