@@ -250,7 +250,7 @@ def step_of(tx: optax.GradientTransformation) -> Callable:
 
 def path_text(taken: list[common.Branch]) -> str:
   """The branches taken, in order, runs of one written once with a count
-  (``48 x _closed_form._switched_coefficients:true``: a switch per leaf)."""
+  (``48 x _closed_form.switch:true``: a switch per leaf)."""
   runs = [(str(branch), len(list(group)))
           for branch, group in itertools.groupby(taken)]
   return ' '.join(text if n == 1 else f'{n} x {text}'

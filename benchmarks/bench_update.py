@@ -88,6 +88,18 @@ def fast_branch_always(params):
   return patched(_closed_form, use_fast=lambda *_, **__: jnp.array(True))
 
 
+def conditional_switch(params):
+  """Ablation: the switch as a plain ``lax.cond`` where the library gates the
+  careful branch with a loop instead (XLA:GPU runs both branches of that
+  conditional): what the gate saves. Elsewhere the switch is that
+  conditional already, and the row is skipped."""
+  del params
+  if not _closed_form.conditionals_run_both_branches():
+    raise AblationUnavailable('the switch is a lax.cond on this platform '
+                              'already (the lx.layca_sgd row)')
+  return patched(_closed_form, conditionals_run_both_branches=lambda: False)
+
+
 def floor_layca_sgd(rate: float) -> optax.GradientTransformation:
   """Layca-SGD per layer (leaves of rank >= 2; others frozen) in its plainest
   closed form: three sums per leaf, then ``update = (a + b c - 1) w - b g``.
@@ -130,6 +142,8 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation],
                                     careful_branch_always),
     'lx.layca_sgd (ablation: no switch)': (
         lambda: lx.layca_sgd(RATE), 'optax.sgd', 5, fast_branch_always),
+    'lx.layca_sgd (ablation: lax.cond switch)': (
+        lambda: lx.layca_sgd(RATE), 'optax.sgd', 5, conditional_switch),
     'lx.layca_sgd(momentum=0.9)': (lambda: lx.layca_sgd(RATE, momentum=0.9),
                                    'optax.sgd(momentum=0.9)', None),
     'lx.layca_adam': (lambda: lx.layca_adam(3.0 ** -5), 'optax.adam', None),
@@ -356,26 +370,31 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
   (``cos(d, w)^2 > 7/8``), and the branch its whole-tree switch took (and,
   on XLA:CPU, whether its sums were read raw or scaled and centred).
 
-  The one helper reading library internals: it wraps
-  ``layca_jax._closed_form.coefficients`` to see each layer's weights ``w``,
-  base direction ``d`` and spec (its units: ``keepdims_shape``); when that is
+  It reads library internals: it wraps ``layca_jax._closed_form.coefficients``
+  to see each layer's weights ``w``, base direction ``d`` and spec (its
+  units: ``keepdims_shape``), and ``use_fast`` to see each switch's choice
+  (a conditional on XLA:CPU and XLA:TPU, a loop on XLA:GPU); when those are
   gone or changed it says so in the result instead of failing.
   """
   coefficients = getattr(_closed_form, 'coefficients', None)
-  if coefficients is None:
-    return {'census': 'unavailable: layca_jax._closed_form.coefficients is gone'}
-  seen = []
+  use_fast = getattr(_closed_form, 'use_fast', None)
+  if coefficients is None or use_fast is None:
+    return {'census': 'unavailable: layca_jax._closed_form.coefficients or '
+                      '.use_fast is gone'}
+  seen, switch = [], []
 
   def spy(*args, **kwargs):
     seen.append(args[1:4])
     return coefficients(*args, **kwargs)
 
+  def spy_switch(*args, **kwargs):
+    switch.append(bool(use_fast(*args, **kwargs)))
+    return switch[-1]
+
   taken: list[common.Branch] = []
-  with patched(_closed_form, coefficients=spy), \
+  with patched(_closed_form, coefficients=spy, use_fast=spy_switch), \
       common.taken_branches(taken, record=True):
     jax.block_until_ready(tx.update(grads, state, params))
-  switch = [b.index for b in taken
-            if b.site == '_closed_form._switched_coefficients']
   raw = [b.index for b in taken if b.site == '_closed_form.group_sums']
   branch = branch_name(switch)
   form = ('raw' if all(raw) else 'scaled') if raw else 'one form'

@@ -28,12 +28,13 @@ scales and steps nearly along the weights (stale momentum) are exact there
 (on XLA:CPU, while no unit is centred or far from unit scale, each sum is
 read as one product of the inputs: :func:`shared_operands_cost_a_pass`).
 Only when some unit is still out of reach (non-finite values, a sample that
-misjudged the unit's scale or centre) does a single ``lax.cond`` over the
-whole tree (one per layer leaf on TPU: :func:`leaves_stay_on_chip`) compute the
+misjudged the unit's scale or centre) does a single switch over the whole
+tree (one per layer leaf on TPU: :func:`leaves_stay_on_chip`; a ``lax.cond``,
+on GPU a loop of at most one trip: :func:`switch`) compute the
 coefficients the careful way (sums of values scaled by exact powers of two,
 the tangent's norm measured on the projected step, the result measured and
 put back on its sphere). Either branch returns only
-per-unit coefficients, so the elementwise pass stays outside the ``cond`` and
+per-unit coefficients, so the elementwise pass stays outside the switch and
 fuses with what consumes it.
 """
 
@@ -754,8 +755,9 @@ def _select(where: jax.Array, a: Coefficients, b: Coefficients) -> Coefficients:
 def compiling_for() -> str:
   """The platform the update is traced for: ``jax.default_backend()``.
 
-  Read when tracing by :func:`leaves_stay_on_chip` and
-  :func:`shared_operands_cost_a_pass`, which lay the same update out for
+  Read when tracing by :func:`leaves_stay_on_chip`,
+  :func:`shared_operands_cost_a_pass` and
+  :func:`conditionals_run_both_branches`, which lay the same update out for
   that platform's compiler (benchmarks and tests that trace for another
   platform replace this function).
   """
@@ -780,6 +782,41 @@ def shared_operands_cost_a_pass() -> bool:
   return compiling_for() == 'cpu'
 
 
+def conditionals_run_both_branches() -> bool:
+  """Whether XLA would compute both branches of the fast/careful switch.
+
+  XLA:GPU does: its conditional simplifier replaces a two-way conditional
+  whose branches hold only elementwise operations, reductions, slices and
+  the like (both of ours) with both branches and a select. On one H200,
+  ResNet-50 shapes, ``lx.layca_sgd`` took 2.29 ms per step, the careful
+  branch alone 2.19 ms, the fast branch alone 0.68 ms: the switch ran the
+  careful branch on every step. There :func:`switch` gates the careful
+  branch behind a ``lax.while_loop`` of at most one trip, which XLA keeps
+  (0.75 ms). XLA:CPU and XLA:TPU keep the conditional. Decided when tracing
+  (:func:`compiling_for`). Numbers: benchmarks/README.md.
+  """
+  return compiling_for() == 'gpu'
+
+
+def switch(fast_serves_all: jax.Array, fast: Callable[[], Any],
+           careful: Callable[[], Any]) -> Any:
+  """``fast()`` where ``fast_serves_all``, else ``careful()``, running only
+  the branch taken (both return the same structure of arrays).
+
+  A ``lax.cond``; where :func:`conditionals_run_both_branches`, the fast
+  result (a few operations on per-unit sums) is always computed and
+  replaced by ``careful()`` in a loop that runs once or not at all.
+  """
+  if not conditionals_run_both_branches():
+    return jax.lax.cond(fast_serves_all, fast, careful)
+  first = fast()
+  _, chosen = jax.lax.while_loop(
+      lambda carry: carry[0],
+      lambda carry: (jnp.zeros_like(carry[0]), careful()),
+      (jnp.logical_not(fast_serves_all), first))
+  return chosen
+
+
 def leaves_stay_on_chip() -> bool:
   """Whether XLA keeps a leaf's arrays in on-chip memory between the fusions
   that read them, as long as nothing waits on other leaves in between.
@@ -791,8 +828,8 @@ def leaves_stay_on_chip() -> bool:
   XLA rather than written once (:func:`layca_jax._fused.fused_layca`): HBM
   traffic on GPT-2-small, SGD / momentum / Adam, 1.59x / 1.41x / 1.35x their
   optax base, against 1.67x / 1.66x / 1.61x with neither. Elsewhere
-  the tree keeps one switch (on GPU each conditional costs tens of
-  microseconds per step). Decided when tracing (:func:`compiling_for`);
+  the tree keeps one switch (a conditional per leaf cost XLA:CPU ~40 us
+  each; on XLA:GPU each switch reads its predicate on the host). Decided when tracing (:func:`compiling_for`);
   either way gives the same update to float32 rounding (only which leaves
   take the careful branch differs). Numbers: benchmarks/README.md.
   """
@@ -809,7 +846,7 @@ def coefficients(recipe: Recipe, specs: Sequence[LayerSpec | None],
   wider dtype), so that each is computed at its own precision and keeps it.
   The fast branch serves the leaves behind one switch if it is exact on
   every unit of theirs; otherwise the careful one does, behind one
-  ``lax.cond`` for the whole tree (one per leaf where
+  :func:`switch` for the whole tree (one per leaf where
   :func:`leaves_stay_on_chip`). Free units (``n0 == 0``) follow ``recipe.free``
   on either branch.
 
@@ -870,7 +907,7 @@ def _switched_coefficients(recipe: Recipe, specs, w_leaves, d_leaves,
 
   serves = [fast_serves(recipe, sums, flat[0])
             for _, _, flat, sums in prepared]
-  chosen = jax.lax.cond(use_fast(serves), fast, careful)
+  chosen = switch(use_fast(serves), fast, careful)
   out = {}
   for (ids, layout, flat, sums), coef in zip(prepared, chosen):
     coef = _select(flat[0] == 0, recipe.free(sums, *flat), coef)

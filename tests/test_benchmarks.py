@@ -42,19 +42,55 @@ def run_benchmark(name: str, out: Path, *flags: str,
 
 def test_bench_update_rows_and_ratios(tmp_path):
   names = ['chain(layca, sgd, keep_norm)', 'lx.layca_sgd',
-           'lx.layca_sgd (careful path)', 'lx.layca_sgd (ablation: no switch)']
+           'lx.layca_sgd (careful path)', 'lx.layca_sgd (ablation: no switch)',
+           'lx.layca_sgd (ablation: lax.cond switch)']
   result = run_benchmark('bench_update', tmp_path, '--warm-train', '0',
                          '--only', *names)
   rows = {r['optimizer']: r for r in result['rows']}
   assert set(rows) == {'optax.sgd', *names}
   assert rows['optax.sgd']['vs_sgd'] == 1.0
-  # An ablation whose patch no longer fits the library says so in its row.
+  # An ablation that does not apply here says so in its row: the lax.cond
+  # switch is already the library's on XLA:CPU (it differs on XLA:GPU).
   skipped = {name for name, r in rows.items() if 'skipped' in r}
-  assert not skipped
+  assert skipped == {'lx.layca_sgd (ablation: lax.cond switch)'}
+  assert 'already' in rows['lx.layca_sgd (ablation: lax.cond switch)']['skipped']
   for name, r in rows.items():
     if name not in skipped:
       assert r['ms'] > 0 and math.isfinite(r['vs_sgd']) and r['copy_GBps'] > 0
   assert result['warm_rows'] == []
+
+
+def test_profile_update_counts_the_kernels_that_ran(tmp_path):
+  result = run_benchmark('profile_update', tmp_path, tiny=(
+      '--models', 'smoke', '--steps', '2'))
+  rows = {r['optimizer']: r for r in result['rows']}
+  sgd, layca = rows['optax.sgd'], rows['lx.layca_sgd']
+  assert sgd['kernels'] >= 1 and sgd['kernel_ms'] > 0 and sgd['wall_ms'] > 0
+  assert sgd['conditionals'] == 0
+  # XLA:CPU keeps both of Layca's conditionals (sums form, switch) and runs
+  # one branch of each: fewer kernels ran than the program holds.
+  assert layca['conditionals'] == 2 and layca['whiles'] == 0
+  assert 0 < layca['kernels'] < layca['fusions']
+  assert 'already' in rows['lx.layca_sgd (ablation: lax.cond switch)']['skipped']
+
+
+def test_lax_cond_ablation_is_the_gated_switch_made_a_conditional(
+    benchmarks, monkeypatch):
+  """Traced for XLA:GPU, the library gates the careful branch with a loop;
+  the ablation row traces the same update with a ``lax.cond`` instead."""
+  bench_update = benchmarks('bench_update')
+  from layca_jax import _closed_form
+  monkeypatch.setattr(_closed_form, 'compiling_for', lambda: 'gpu')
+  params = {'k': jnp.ones((4, 3))}
+  tx = lx.layca_sgd(0.1)
+
+  def primitives():
+    jaxpr = jax.make_jaxpr(lambda p: tx.update(p, tx.init(p), p))(params)
+    return {e.primitive.name for e in jaxpr.eqns}
+
+  assert 'while' in primitives() and 'cond' not in primitives()
+  with bench_update.conditional_switch(params):
+    assert 'cond' in primitives() and 'while' not in primitives()
 
 
 def test_bench_update_warm_rows(tmp_path):
@@ -97,8 +133,14 @@ def benchmarks(monkeypatch):
   return importlib.import_module
 
 
-def test_census_counts_dead_and_parallel_units(benchmarks):
+@pytest.mark.parametrize('platform', ['cpu', 'gpu', 'tpu'])
+def test_census_counts_dead_and_parallel_units(benchmarks, platform,
+                                               monkeypatch):
+  """In each platform's layout (XLA:GPU's switch is a loop, not a
+  conditional), the census sees the units and the switch's choice."""
   bench_update = benchmarks('bench_update')
+  from layca_jax import _closed_form
+  monkeypatch.setattr(_closed_form, 'compiling_for', lambda: platform)
   rng = np.random.default_rng(0)
   params = {'Dense_0': {'kernel': rng.normal(size=(8, 5)), 'bias': np.zeros(5)},
             'Dense_1': {'kernel': rng.normal(size=(5, 3)), 'bias': np.zeros(3)}}
@@ -119,10 +161,17 @@ def test_census_counts_dead_and_parallel_units(benchmarks):
   census = bench_update.census(tx, params, tx.init(params), grads)
   assert census['unit_count'] == 8
   assert census['dead'] == 1 and census['parallel'] == 2
-  assert census['branch'] in ('fast', 'careful')
+  assert census['branch'] == 'fast'
   # Two units to centre: XLA:CPU's layout takes the scaled, centred sums.
-  on_cpu = jax.default_backend() == 'cpu'
-  assert census['sums'] == ('scaled' if on_cpu else 'one form')
+  assert census['sums'] == ('scaled' if platform == 'cpu' else 'one form')
+  # One entry 2^70 outside its unit's sample: the careful branch.
+  w = {'kernel': jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)}
+  g = {'kernel': rng.normal(size=(16, 8)).astype(np.float32)}
+  unsampled = set(range(16 * 8)) - set(_closed_form._sample_positions(16 * 8))
+  g['kernel'].flat[min(unsampled)] = 2.0 ** 70
+  tx = lx.layca_sgd(0.1)
+  g = jax.tree.map(jnp.asarray, g)
+  assert bench_update.census(tx, w, tx.init(w), g)['branch'] == 'careful'
 
 
 # A compiled XLA:TPU program's shape, by hand: w (HBM) is read by a sample
@@ -190,13 +239,13 @@ def test_hbm_traffic_counts_what_crosses_hbm(bench_tpu_aot):
 
 def test_path_text_writes_a_run_of_switches_once(bench_tpu_aot, benchmarks):
   common = benchmarks('_common')
-  leaf = common.Branch('_closed_form._switched_coefficients', 'cond', 1)
-  careful = common.Branch('_closed_form._switched_coefficients', 'cond', 0)
+  leaf = common.Branch('_closed_form.switch', 'cond', 1)
+  careful = common.Branch('_closed_form.switch', 'cond', 0)
   track = common.Branch('_tracking.update_fn', 'cond', 0)
   assert bench_tpu_aot.path_text([leaf] * 3 + [careful, leaf, track]) == (
-      '3 x _closed_form._switched_coefficients:true '
-      '_closed_form._switched_coefficients:false '
-      '_closed_form._switched_coefficients:true _tracking.update_fn:false')
+      '3 x _closed_form.switch:true '
+      '_closed_form.switch:false '
+      '_closed_form.switch:true _tracking.update_fn:false')
   assert bench_tpu_aot.path_text([]) == '(no conditional)'
 
 

@@ -679,19 +679,26 @@ def test_a_switch_per_leaf_keeps_the_other_leaves_fast(make, monkeypatch):
     assert relative_error(per_leaf[k], whole[k]) < 1e-5
 
 
+@pytest.mark.parametrize('careful', [False, True], ids=['fast', 'careful'])
 @pytest.mark.parametrize('base', ['momentum', 'adam'])
-def test_each_platform_lays_out_the_same_update(base, monkeypatch):
+def test_each_platform_lays_out_the_same_update(base, careful, monkeypatch):
   """Traced for XLA:TPU (``leaves_stay_on_chip``), nothing waits on the whole
   tree: one switch per layer leaf and no barrier on the base's direction.
-  For XLA:GPU one switch and one barrier (the direction computed once); for
-  XLA:CPU also one conditional choosing to read the sums raw
-  (``shared_operands_cost_a_pass``). The same update on all three."""
+  For XLA:GPU one barrier (the direction computed once) and one switch, a
+  loop of at most one trip (``conditionals_run_both_branches``); for
+  XLA:CPU one conditional and one more choosing to read the sums raw
+  (``shared_operands_cost_a_pass``). The same update on all three, also
+  where a unit takes the careful branch (a gradient entry 2^70 outside the
+  sample)."""
   rng = np.random.default_rng(6)
   params = {'a': rng.normal(size=(8, 6)), 'b': rng.normal(size=(16, 8)),
             'bias': np.zeros(8)}
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  grads = jax.tree.map(
-      lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+  grads = {k: rng.normal(size=x.shape) for k, x in params.items()}
+  if careful:
+    unsampled = sorted(set(range(16 * 8)) - set(cf._sample_positions(16 * 8)))
+    grads['b'].flat[unsampled[0]] = 2.0 ** 70
+  grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grads)
 
   def traced(platform):
     monkeypatch.setattr(cf, 'compiling_for', lambda: platform)
@@ -708,8 +715,10 @@ def test_each_platform_lays_out_the_same_update(base, monkeypatch):
   (tpu, tpu_updates), (gpu, updates), (cpu, cpu_updates) = map(
       traced, ['tpu', 'gpu', 'cpu'])
   assert tpu['cond'] == 2 * 2 and 'optimization_barrier' not in tpu
-  assert gpu['cond'] == 2 and gpu['optimization_barrier'] == 2
+  assert gpu['while'] == 2 and 'cond' not in gpu
+  assert gpu['optimization_barrier'] == 2
   assert cpu['cond'] == 2 * 2 and cpu['optimization_barrier'] == 2
   for k in params:
+    assert np.all(np.isfinite(updates[k]))
     for other in (tpu_updates, cpu_updates):
       np.testing.assert_allclose(other[k], updates[k], rtol=1e-6, atol=1e-7)
