@@ -40,6 +40,7 @@ fuses with what consumes it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -809,12 +810,33 @@ def switch(fast_serves_all: jax.Array, fast: Callable[[], Any],
   """
   if not conditionals_run_both_branches():
     return jax.lax.cond(fast_serves_all, fast, careful)
-  first = fast()
+  # Explicit operands (the float values the branches close over), so that
+  # the loop's derivative can be given: reverse mode cannot go through a
+  # while loop, it goes through this conditional's.
+  fast, fast_operands = jax.closure_convert(fast)
+  careful, careful_operands = jax.closure_convert(careful)
+  return _gated_switch(fast, careful, fast_serves_all, fast_operands,
+                       careful_operands)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _gated_switch(fast, careful, fast_serves_all, fast_operands,
+                  careful_operands):
   _, chosen = jax.lax.while_loop(
       lambda carry: carry[0],
-      lambda carry: (jnp.zeros_like(carry[0]), careful()),
-      (jnp.logical_not(fast_serves_all), first))
+      lambda carry: (jnp.zeros_like(carry[0]), careful(*careful_operands)),
+      (jnp.logical_not(fast_serves_all), fast(*fast_operands)))
   return chosen
+
+
+@_gated_switch.defjvp
+def _gated_switch_jvp(fast, careful, primals, tangents):
+  fast_serves_all, fast_operands, careful_operands = primals
+  _, fast_tangents, careful_tangents = tangents
+  return jax.lax.cond(
+      fast_serves_all,
+      lambda: jax.jvp(fast, fast_operands, fast_tangents),
+      lambda: jax.jvp(careful, careful_operands, careful_tangents))
 
 
 def leaves_stay_on_chip() -> bool:

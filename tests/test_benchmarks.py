@@ -75,7 +75,7 @@ def test_profile_update_counts_the_kernels_that_ran(tmp_path):
 
 
 def test_lax_cond_ablation_is_the_gated_switch_made_a_conditional(
-    benchmarks, monkeypatch):
+    benchmarks, bench_tpu_aot, monkeypatch):
   """Traced for XLA:GPU, the library gates the careful branch with a loop;
   the ablation row traces the same update with a ``lax.cond`` instead."""
   bench_update = benchmarks('bench_update')
@@ -86,7 +86,7 @@ def test_lax_cond_ablation_is_the_gated_switch_made_a_conditional(
 
   def primitives():
     jaxpr = jax.make_jaxpr(lambda p: tx.update(p, tx.init(p), p))(params)
-    return {e.primitive.name for e in jaxpr.eqns}
+    return bench_tpu_aot.primitive_names(jaxpr.jaxpr)
 
   assert 'while' in primitives() and 'cond' not in primitives()
   with bench_update.conditional_switch(params):

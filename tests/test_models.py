@@ -85,8 +85,12 @@ class ZooState(train_state.TrainState):
   extra: Any = None
 
 
-@pytest.mark.parametrize('transform', sorted(TRANSFORMS))
-@pytest.mark.parametrize('model', ['transformer', 'resnet', 'mlp'])
+# RMSProp and Adagrad are Adam's fused transform with another base
+# direction: the MLP covers them, the bigger models the rest.
+@pytest.mark.parametrize('model,transform', [
+    (model, transform) for model in ['transformer', 'resnet', 'mlp']
+    for transform in sorted(TRANSFORMS)
+    if model == 'mlp' or transform not in ('layca_rmsprop', 'layca_adagrad')])
 def test_linen_zoo_trains_with_donated_train_state(model, transform):
   case = models.linen_zoo()[model]
   make = TRANSFORMS[transform]
@@ -127,7 +131,8 @@ def test_linen_zoo_trains_with_donated_train_state(model, transform):
       assert math.isnan(value), path
 
 
-@pytest.mark.parametrize('transform', sorted(TRANSFORMS))
+@pytest.mark.parametrize('transform', sorted(
+    set(TRANSFORMS) - {'layca_rmsprop', 'layca_adagrad'}))
 def test_nnx_scanned_transformer_trains_with_donated_optimizer(transform):
   model, loss_fn = models.nnx_lm()
   options = {'stack_axes': {'blocks': 1}}   # A plain dict prefix of the State.
