@@ -793,8 +793,9 @@ def conditionals_run_both_branches() -> bool:
   branch alone 2.19 ms, the fast branch alone 0.68 ms: the switch ran the
   careful branch on every step. There :func:`switch` gates the careful
   branch behind a ``lax.while_loop`` of at most one trip, which XLA keeps
-  (0.75 ms). XLA:CPU and XLA:TPU keep the conditional. Decided when tracing
-  (:func:`compiling_for`). Numbers: benchmarks/README.md.
+  (0.75 ms), and differentiates it as the conditional. XLA:CPU and XLA:TPU
+  keep the conditional. Decided when tracing (:func:`compiling_for`).
+  Numbers: benchmarks/README.md.
   """
   return compiling_for() == 'gpu'
 
@@ -849,10 +850,10 @@ def leaves_stay_on_chip() -> bool:
   ``w`` and ``d`` from HBM twice) and a stateful base's direction is left to
   XLA rather than written once (:func:`layca_jax._fused.fused_layca`): HBM
   traffic on GPT-2-small, SGD / momentum / Adam, 1.59x / 1.41x / 1.35x their
-  optax base, against 1.67x / 1.66x / 1.61x with neither. Elsewhere
-  the tree keeps one switch (a conditional per leaf cost XLA:CPU ~40 us
-  each; on XLA:GPU each switch reads its predicate on the host). Decided when tracing (:func:`compiling_for`);
-  either way gives the same update to float32 rounding (only which leaves
+  optax base, against 1.67x / 1.66x / 1.61x with neither. Elsewhere the
+  tree keeps one switch (a conditional per leaf cost XLA:CPU ~40 us each;
+  on XLA:GPU each switch reads its predicate on the host). Decided when
+  tracing (:func:`compiling_for`); either way gives the same update to float32 rounding (only which leaves
   take the careful branch differs). Numbers: benchmarks/README.md.
   """
   return compiling_for() == 'tpu'
