@@ -463,24 +463,36 @@ def check_pmap() -> None:
                'pmap/rotations')
 
 
-def check_traced_as_on_tpu() -> None:
-  """What a TPU backend traces (one switch per layer leaf, no barrier on the
-  base's direction: ``_closed_form.leaves_stay_on_chip``), with jit and FSDP
+def traced_as_on(platform: str) -> None:
+  """The update traced for ``platform``'s compiler, with jit and FSDP
   shardings and inside shard_map, matches the one-device run traced as on
   CPU (one switch, the barrier, the sums read raw)."""
   from layca_jax import _closed_form
   params = make_params()
   grads_seq = make_grads(params)
   expected = reference_runs(params, grads_seq)
-  platform = _closed_form.compiling_for
-  _closed_form.compiling_for = lambda: 'tpu'
+  compiling_for = _closed_form.compiling_for
+  _closed_form.compiling_for = lambda: platform
   try:
     check_layouts_placed('fsdp', names=CORE)
     got = shard_map_train_all(params, grads_seq, mesh_for('fsdp'),
                               fsdp_specs(params), 'x', CORE)
-    assert_all_close(got, expected, 'shard_map(fsdp), traced as on TPU', CORE)
+    assert_all_close(got, expected,
+                     f'shard_map(fsdp), traced as on {platform}', CORE)
   finally:
-    _closed_form.compiling_for = platform
+    _closed_form.compiling_for = compiling_for
+
+
+def check_traced_as_on_tpu() -> None:
+  """One switch per layer leaf, no barrier on the base's direction
+  (``_closed_form.leaves_stay_on_chip``)."""
+  traced_as_on('tpu')
+
+
+def check_traced_as_on_gpu() -> None:
+  """The careful branch behind a loop of at most one trip, in a custom_jvp
+  (``_closed_form.conditionals_run_both_branches``)."""
+  traced_as_on('gpu')
 
 
 CHECKS = {name[len('check_'):]: fn for name, fn in sorted(globals().items())

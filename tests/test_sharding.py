@@ -31,7 +31,7 @@ SHARDING_CHECKS = (
     'dp', 'fsdp', 'tp', 'fsdp_tp_2d', 'fsdp_explicit_axes', 'uneven',
     'shard_map_one_axis_name', 'shard_map_per_leaf_axis_name',
     'shard_map_tensor_parallel', 'shard_map_double_counting',
-    'init_outside_mapping', 'pmap', 'traced_as_on_tpu')
+    'init_outside_mapping', 'pmap', 'traced_as_on_tpu', 'traced_as_on_gpu')
 
 
 # ---------------------------------------------------------------------------
