@@ -2,7 +2,7 @@
 # Every GPU row of benchmarks/README.md, in one go (~15 minutes on an H100/H200:
 # more than one lent session holds; name the steps to split it across sessions),
 # or only the steps named:  bash benchmarks/gpu_all.sh [update_resnet50
-# update_gpt2_small profile warm train sums rotation torch cond]
+# update_gpt2_small graphs profile warm train sums rotation torch cond]
 # Writes JSON (and a log) under $OUT (default: benchmarks/results/gpu); the lent
 # device returns at most 8 files a call (the cond step writes two JSON files).
 # Run from the repository root.
@@ -12,7 +12,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-STEPS=${*:-update_resnet50 update_gpt2_small profile warm train sums rotation torch cond}
+STEPS=${*:-update_resnet50 update_gpt2_small graphs profile warm train sums rotation torch cond}
 cd benchmarks
 # Each step has its own time limit so that one slow step cannot eat the rest.
 step() {  # step NAME SECONDS SCRIPT ARGS...
@@ -31,6 +31,10 @@ step() {  # step NAME SECONDS SCRIPT ARGS...
   for model in resnet50 gpt2_small; do
     step "update_$model" 240 bench_update.py --full --models $model --steps 50 --repeats 10 --warm-train 0 --json "$OUT/bench_update_$model.json"
   done
+  # The loop around the careful branch with CUDA graphs that hold loops and
+  # conditionals on the device (no host read of the predicate, if XLA does so).
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+    step graphs 150 bench_update.py --full --models resnet50 --steps 50 --repeats 10 --warm-train 0 --only lx.layca_sgd 'lx.layca_sgd (ablation: no switch)' 'floor: two-pass closed form' --json "$OUT/bench_update_resnet50_graphs.json"
   # Kernels that ran per step, and the wall time of back-to-back calls.
   step profile 240 profile_update.py --full --steps 10 --json "$OUT/profile_update.json"
   # Warm states (needs scikit-learn): the update at states real training reaches.

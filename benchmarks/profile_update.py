@@ -56,9 +56,16 @@ def program_counts(hlo: str) -> dict[str, Any]:
   fusions, conditionals and while loops."""
   ops = collections.Counter(re.findall(
       r'^\s*(?:ROOT )?%\S+ = .*?\s([a-z][a-z0-9-]*)\(', hlo, re.MULTILINE))
-  return {'names': set(re.findall(r'%([\w.-]+) = ', hlo)),
+  return {'names': {kernel_name(name)
+                    for name in re.findall(r'%([\w.-]+) = ', hlo)},
           'fusions': ops['fusion'], 'conditionals': ops['conditional'],
           'whiles': ops['while']}
+
+
+def kernel_name(name: str) -> str:
+  """An instruction's or a trace event's name as both spell it (XLA:GPU
+  names a fusion's kernel ``loop_add_fusion_3`` after ``%loop_add_fusion.3``)."""
+  return name.replace('.', '_').replace('-', '_')
 
 
 def trace_kernels(run, steps: int, names: set[str]) -> tuple[float, float]:
@@ -71,7 +78,8 @@ def trace_kernels(run, steps: int, names: set[str]) -> tuple[float, float]:
     with gzip.open(path) as f:
       events = json.load(f)
   events = events['traceEvents'] if isinstance(events, dict) else events
-  kernels = [e for e in events if e.get('ph') == 'X' and e['name'] in names]
+  kernels = [e for e in events
+             if e.get('ph') == 'X' and kernel_name(e['name']) in names]
   return (sum(e.get('dur', 0) for e in kernels) / steps / 1e3,
           len(kernels) / steps)
 
