@@ -610,18 +610,23 @@ def test_on_xla_cpu_each_raw_sum_reads_the_inputs():
 @pytest.mark.parametrize('base', ['momentum', 'adam'])
 @pytest.mark.parametrize('platform', ['cpu', 'gpu'])
 def test_vmapped_and_differentiated_updates(base, platform, monkeypatch):
-  """An ensemble (``jax.vmap`` over members) gets each member's own update,
-  and an update can be differentiated in forward and reverse mode
+  """An ensemble (``jax.vmap`` over members, one of which takes the careful
+  branch) gets each member's own update, and an update can be differentiated in forward and reverse mode
   (``jax.jvp``, ``jax.grad``, as meta-learning does), with a conditional
   for the switch (XLA:CPU, XLA:TPU) and with XLA:GPU's loop around the
   careful branch: that loop and the barrier that makes a stateful base's
   direction be computed once are transparent to all three."""
   monkeypatch.setattr(cf, 'compiling_for', lambda: platform)
   rng = np.random.default_rng(5)
-  members = [{'k': jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
-              'b': jnp.zeros(4)} for _ in range(3)]
-  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape),
-                                              jnp.float32), m) for m in members]
+  members = [{'k': jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+              'b': jnp.zeros(8)} for _ in range(3)]
+  grads = [{k: rng.normal(size=x.shape).astype(np.float32)
+            for k, x in m.items()} for m in members]
+  # The second member's step takes the careful branch (an entry 2^70 outside
+  # its sample), the others the fast one: a switch with a batched predicate.
+  unsampled = sorted(set(range(16 * 8)) - set(cf._sample_positions(16 * 8)))
+  grads[1]['k'].flat[unsampled[0]] = 2.0 ** 70
+  grads = [jax.tree.map(jnp.asarray, g) for g in grads]
   tx = BASES[base][0](0.1)
   stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
