@@ -611,11 +611,12 @@ def test_on_xla_cpu_each_raw_sum_reads_the_inputs():
 @pytest.mark.parametrize('platform', ['cpu', 'gpu'])
 def test_vmapped_and_differentiated_updates(base, platform, monkeypatch):
   """An ensemble (``jax.vmap`` over members, one of which takes the careful
-  branch) gets each member's own update, and an update can be differentiated in forward and reverse mode
-  (``jax.jvp``, ``jax.grad``, as meta-learning does), with a conditional
-  for the switch (XLA:CPU, XLA:TPU) and with XLA:GPU's loop around the
-  careful branch: that loop and the barrier that makes a stateful base's
-  direction be computed once are transparent to all three."""
+  branch) gets each member's own update, and an update can be
+  differentiated in forward and reverse mode (``jax.jvp``, ``jax.grad``, as
+  meta-learning does), with a conditional for the switch (XLA:CPU, XLA:TPU)
+  and with XLA:GPU's loop around the careful branch: that loop and the
+  barrier that makes a stateful base's direction be computed once are
+  transparent to all three."""
   monkeypatch.setattr(cf, 'compiling_for', lambda: platform)
   rng = np.random.default_rng(5)
   members = [{'k': jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
