@@ -6,8 +6,9 @@ donated) is compiled once and profiled with ``jax.profiler`` over
 events named after an instruction of the compiled program: fusions, copies,
 library calls) and their summed time; from the compiled program: its fusions,
 conditionals and while loops (an XLA pass may turn a conditional into both
-branches and a select; the kernels that ran tell); and the wall time of a
-call when calls are issued back to back (host dispatch included, which
+branches and a select; the kernels that ran tell, e.g. whether
+``track_rotation(every=4)`` measures on one step in four); and the wall time
+of a call when calls are issued back to back (host dispatch included, which
 ``bench_update.py``'s loop inside one ``jit`` leaves out).
 
     python benchmarks/profile_update.py --full    # ResNet-50 / GPT-2-small
@@ -27,13 +28,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 import _common as common
 import bench_update
+import layca_jax as lx
 
+TRACKED = 'optax.sgd + lx.track_rotation(every=4)'
+# bench_update's optimizers, and rotation tracking: its conditional (record
+# or not) should be kept, so that only one step in four measures.
+OPTIMIZERS = {**bench_update.OPTIMIZERS, TRACKED: (
+    lambda: optax.chain(optax.sgd(0.1), lx.track_rotation(every=4)), None,
+    None)}
 NAMES = ['optax.sgd', 'floor: two-pass closed form', 'lx.layca_sgd',
          'lx.layca_sgd (ablation: no switch)',
-         'lx.layca_sgd (ablation: lax.cond switch)']
+         'lx.layca_sgd (ablation: lax.cond switch)', TRACKED]
 COLUMNS = ['model', 'optimizer', 'wall_ms', 'kernel_ms', 'kernels',
            'fusions', 'conditionals', 'whiles', 'skipped']
 
@@ -41,7 +50,7 @@ COLUMNS = ['model', 'optimizer', 'wall_ms', 'kernel_ms', 'kernels',
 def compiled_step(name: str, params, grads):
   """(compiled step, its args): ``name``'s step of ``bench_update``,
   params and state donated, traced under the row's library patch."""
-  make, _, _, *patch = bench_update.OPTIMIZERS[name]
+  make, _, _, *patch = OPTIMIZERS[name]
   tx = make()
   state = tx.init(params)
   step = jax.jit(lambda p, s, g: bench_update.apply_step(tx, p, s, g),
@@ -106,7 +115,7 @@ def profile(model: str, name: str, params, grads, steps: int) -> dict:
 def main() -> None:
   parser = common.shapes_parser(__doc__.splitlines()[0])
   parser.add_argument('--only', nargs='+', default=NAMES,
-                      choices=list(bench_update.OPTIMIZERS))
+                      choices=list(OPTIMIZERS))
   args = parser.parse_args()
   divisor, steps, _ = common.run_size(args)
   info = common.device_info()

@@ -72,6 +72,9 @@ def test_profile_update_counts_the_kernels_that_ran(tmp_path):
   assert layca['conditionals'] == 2 and layca['whiles'] == 0
   assert 0 < layca['kernels'] < layca['fusions']
   assert 'already' in rows['lx.layca_sgd (ablation: lax.cond switch)']['skipped']
+  # Tracking's conditional is kept: recording steps are a branch.
+  tracked = rows['optax.sgd + lx.track_rotation(every=4)']
+  assert tracked['conditionals'] >= 1 and tracked['kernels'] < tracked['fusions']
 
 
 def test_lax_cond_ablation_is_the_gated_switch_made_a_conditional(
