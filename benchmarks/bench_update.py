@@ -364,6 +364,19 @@ def branch_name(fast: list) -> str:
           else 'careful' if not any(fast) else 'fast and careful')
 
 
+def recording_switches(predicates: list):
+  """Within it, each whole-tree switch of the library appends its choice
+  (``_closed_form.use_fast``'s predicate, True: fast) to ``predicates``: a
+  conditional on XLA:CPU and XLA:TPU, a loop on XLA:GPU alike."""
+  use_fast = _closed_form.use_fast
+
+  def spy(*args, **kwargs):
+    predicates.append(use_fast(*args, **kwargs))
+    return predicates[-1]
+
+  return patched(_closed_form, use_fast=spy)
+
+
 def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
   """What Layca meets on one update at this state, run eagerly: its units,
   dead units (a zero step, ``<d,d> = 0``), nearly parallel units
@@ -387,16 +400,12 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
     seen.append(args[1:4])
     return coefficients(*args, **kwargs)
 
-  def spy_switch(*args, **kwargs):
-    switch.append(bool(use_fast(*args, **kwargs)))
-    return switch[-1]
-
   taken: list[common.Branch] = []
-  with patched(_closed_form, coefficients=spy, use_fast=spy_switch), \
+  with patched(_closed_form, coefficients=spy), recording_switches(switch), \
       common.taken_branches(taken, record=True):
     jax.block_until_ready(tx.update(grads, state, params))
   raw = [b.index for b in taken if b.site == '_closed_form.group_sums']
-  branch = branch_name(switch)
+  branch = branch_name([bool(p) for p in switch])
   form = ('raw' if all(raw) else 'scaled') if raw else 'one form'
   try:
     sums = [unit_sums(spec, np.asarray(w, np.float64), np.asarray(d, np.float64))
@@ -424,16 +433,12 @@ def jitted_branch(tx: optax.GradientTransformation, params, state,
     return 'unavailable: layca_jax._closed_form.use_fast is gone'
   predicates = []
 
-  def spy(*args, **kwargs):
-    predicates.append(use_fast(*args, **kwargs))
-    return predicates[-1]
-
   def update(params, state, grads):
     predicates.clear()
     tx.update(grads, state, params)
     return list(predicates)
 
-  with patched(_closed_form, use_fast=spy):
+  with recording_switches(predicates):
     return branch_name([bool(p) for p in jax.jit(update)(params, state, grads)])
 
 

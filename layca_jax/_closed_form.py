@@ -853,8 +853,8 @@ def leaves_stay_on_chip() -> bool:
   optax base, against 1.67x / 1.66x / 1.61x with neither. Elsewhere the
   tree keeps one switch (a conditional per leaf cost XLA:CPU ~40 us each;
   on XLA:GPU each switch reads its predicate on the host). Decided when
-  tracing (:func:`compiling_for`); either way gives the same update to float32 rounding (only which leaves
-  take the careful branch differs). Numbers: benchmarks/README.md.
+  tracing (:func:`compiling_for`); either way gives the same update to
+  float32 rounding (only which leaves take the careful branch differs). Numbers: benchmarks/README.md.
   """
   return compiling_for() == 'tpu'
 
