@@ -358,23 +358,28 @@ def warm_state(tx: optax.GradientTransformation, width: int,
                    (float(loss(params0, x, y)), float(loss(params, x, y))))
 
 
-def branch_name(fast: list) -> str:
-  """What the library's switches did, from each one's choice (True: fast)."""
-  return ('no switch' if not fast else 'fast' if all(fast)
-          else 'careful' if not any(fast) else 'fast and careful')
+BRANCH_NAMES = ('fast', 'refined', 'careful')
 
 
-def recording_switches(predicates: list):
-  """Within it, each whole-tree switch of the library appends its choice
-  (``_closed_form.use_fast``'s predicate, True: fast) to ``predicates``: a
-  conditional on XLA:CPU and XLA:TPU, a loop on XLA:GPU alike."""
-  use_fast = _closed_form.use_fast
+def branch_name(branches: list) -> str:
+  """What the library's switches did, from the branch each took (an index
+  into ``BRANCH_NAMES``: ``_closed_form.FAST``, ``REFINED``, ``CAREFUL``)."""
+  taken = sorted(set(int(b) for b in branches))
+  return (' and '.join(BRANCH_NAMES[b] for b in taken) if taken
+          else 'no switch')
 
-  def spy(*args, **kwargs):
-    predicates.append(use_fast(*args, **kwargs))
-    return predicates[-1]
 
-  return patched(_closed_form, use_fast=spy)
+def recording_switches(branches: list):
+  """Within it, each switch of the library appends the branch it took
+  (``_closed_form.branch_taken``'s argument) to ``branches``: a conditional
+  on XLA:CPU and XLA:TPU, a loop on XLA:GPU alike."""
+  branch_taken = _closed_form.branch_taken
+
+  def spy(branch):
+    branches.append(branch_taken(branch))
+    return branches[-1]
+
+  return patched(_closed_form, branch_taken=spy)
 
 
 def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
@@ -385,15 +390,15 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
 
   It reads library internals: it wraps ``layca_jax._closed_form.coefficients``
   to see each layer's weights ``w``, base direction ``d`` and spec (its
-  units: ``keepdims_shape``), and ``use_fast`` to see each switch's choice
-  (a conditional on XLA:CPU and XLA:TPU, a loop on XLA:GPU); when those are
-  gone or changed it says so in the result instead of failing.
+  units: ``keepdims_shape``), and ``branch_taken`` to see the branch each
+  switch took (fast, refined or careful; a conditional on XLA:CPU and
+  XLA:TPU, a loop on XLA:GPU); when those are gone or changed it says so in
+  the result instead of failing.
   """
   coefficients = getattr(_closed_form, 'coefficients', None)
-  use_fast = getattr(_closed_form, 'use_fast', None)
-  if coefficients is None or use_fast is None:
+  if coefficients is None or not hasattr(_closed_form, 'branch_taken'):
     return {'census': 'unavailable: layca_jax._closed_form.coefficients or '
-                      '.use_fast is gone'}
+                      '.branch_taken is gone'}
   seen, switch = [], []
 
   def spy(*args, **kwargs):
@@ -405,7 +410,7 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
       common.taken_branches(taken, record=True):
     jax.block_until_ready(tx.update(grads, state, params))
   raw = [b.index for b in taken if b.site == '_closed_form.group_sums']
-  branch = branch_name([bool(p) for p in switch])
+  branch = branch_name(switch)
   form = ('raw' if all(raw) else 'scaled') if raw else 'one form'
   try:
     sums = [unit_sums(spec, np.asarray(w, np.float64), np.asarray(d, np.float64))
@@ -425,21 +430,20 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
 def jitted_branch(tx: optax.GradientTransformation, params, state,
                   grads) -> str:
   """The branch the whole-tree switch takes in the *jitted* update on this
-  device ('fast', 'careful', or 'no switch'): the compiled program's
+  device ('fast', 'refined', 'careful', or 'no switch'): the compiled program's
   rounding (fused multiply-adds, reduction order) can differ from the eager
   one the census runs."""
-  use_fast = getattr(_closed_form, 'use_fast', None)
-  if use_fast is None:
-    return 'unavailable: layca_jax._closed_form.use_fast is gone'
-  predicates = []
+  if not hasattr(_closed_form, 'branch_taken'):
+    return 'unavailable: layca_jax._closed_form.branch_taken is gone'
+  branches = []
 
   def update(params, state, grads):
-    predicates.clear()
+    branches.clear()
     tx.update(grads, state, params)
-    return list(predicates)
+    return list(branches)
 
-  with recording_switches(predicates):
-    return branch_name([bool(p) for p in jax.jit(update)(params, state, grads)])
+  with recording_switches(branches):
+    return branch_name(jax.jit(update)(params, state, grads))
 
 
 def unit_sums(spec, w: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, ...]:

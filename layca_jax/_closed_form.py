@@ -27,15 +27,19 @@ from a small sample of each unit), so that zero steps, dead units, extreme
 scales and steps nearly along the weights (stale momentum) are exact there
 (on XLA:CPU, while no unit is centred or far from unit scale, each sum is
 read as one product of the inputs: :func:`shared_operands_cost_a_pass`).
-Only when some unit is still out of reach (non-finite values, a sample that
-misjudged the unit's scale or centre) does a single switch over the whole
-tree (one per layer leaf on TPU: :func:`leaves_stay_on_chip`; a ``lax.cond``,
-on GPU a loop of at most one trip: :func:`switch`) compute the
-coefficients the careful way (sums of values scaled by exact powers of two,
+When some unit is out of reach, a single switch over the whole tree (one
+per layer leaf on TPU: :func:`leaves_stay_on_chip`; a ``lax.cond``, on GPU
+a loop of at most one trip: :func:`switch`) takes the *refined* branch: the
+leaves holding such units are summed again with each unit's exact scale (its
+largest entries) and a centre read from the first sums
+(:func:`refined_tangent_sums`), which serves a sample that missed the few
+large entries of a sparse unit (a neuron fed by a handful of live inputs).
+Only units still out of reach (non-finite values, zero weights) send the
+tree to the *careful* branch (sums of values scaled by exact powers of two,
 the tangent's norm measured on the projected step, the result measured and
-put back on its sphere). Either branch returns only
-per-unit coefficients, so the elementwise pass stays outside the switch and
-fuses with what consumes it.
+put back on its sphere). Every branch returns only per-unit coefficients,
+so the elementwise pass stays outside the switch and fuses with what
+consumes it. :func:`branch_taken` sees which branch each switch took.
 """
 
 from __future__ import annotations
@@ -236,7 +240,7 @@ def sample_estimates(specs: Sequence[LayerSpec], w_leaves: Sequence[jax.Array],
   step is nearly along the weights, and is 0 otherwise, so that ``<e,e>`` of
   the centred step keeps the tangent's digits. The estimates only change
   rounding, never the result in exact arithmetic: a sample that misjudges
-  its unit sends that unit's switch to the careful branch. The samples of
+  its unit sends that unit's switch to the refined branch. The samples of
   all leaves given (sharing ``axis_name``) are laid end to end first: the
   statistics are a few small kernels for all of them, not a few per leaf.
   Each flat, over the units of all leaves in :class:`UnitLayout` order.
@@ -286,6 +290,36 @@ def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array, axis_name,
                      nx.unit_sum(e * e, spec, axis_name), w_exp, d_exp, centre)
 
 
+def refined_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
+                         axis_name, first: TangentSums) -> TangentSums:
+  """The tangent sums of a second pass, for units the sample misjudged.
+
+  A sample misses the few large entries of a sparse unit (a neuron fed by
+  a handful of live inputs, its momentum decayed to ~1e-17 elsewhere), so
+  the scales it gives can be off by 2^50 and its centre meaningless. Here
+  each unit's exponents come from its largest entries (exact), and its
+  centre from the first pass's sums (their tangent removed:
+  ``centre + ew / ww``) where those are finite, else from plain sums of the
+  inputs where those are finite, else 0. ``first``: this leaf's
+  :func:`tangent_sums`.
+  """
+  w_exp = _peak_exponent(nx.unit_max_abs(nx.upcast(w), spec, axis_name))
+  d_exp = _peak_exponent(nx.unit_max_abs(nx.upcast(d), spec, axis_name))
+  ww, dw, dd = raw_tangent_sums(spec, w, d, axis_name)
+  # c_hat = c * 2^(w_exp - d_exp) in the units of the scaled values.
+  usable = jnp.isfinite(first.ww) & (first.ww > 0) & jnp.isfinite(first.ew)
+  from_first = jnp.ldexp(
+      first.centre + first.ew / jnp.where(usable, first.ww, 1.0),
+      (w_exp - first.w_exp) - (d_exp - first.d_exp))
+  # An estimate only (the check on the new sums judges it): plain sums out
+  # of the safe range still centre a unit whose first sums overflowed.
+  plain = (ww > 0) & jnp.isfinite(ww) & jnp.isfinite(dw)
+  from_plain = jnp.ldexp(dw / jnp.where(plain, ww, 1.0), w_exp - d_exp)
+  centre = jnp.where(usable, from_first, jnp.where(plain, from_plain, 0.0))
+  centre = jnp.where(jnp.isfinite(centre), centre, 0.0)
+  return tangent_sums(spec, w, d, axis_name, (w_exp, d_exp, centre))
+
+
 def raw_exponent_band(specs: Sequence[LayerSpec],
                       dtype: Any) -> tuple[int, int]:
   """Sample peak exponents ``[lo, hi]`` within which the units of ``specs``
@@ -328,7 +362,7 @@ def scale_raw_tangent_sums(raw: Sequence[jax.Array],
   Scaling by a power of two commutes with rounding between the normal
   bounds, so these are the sums of the scaled values but for terms far below
   their rounding. A unit whose peak the sample missed by far enough to
-  overflow gets non-finite sums, and the careful branch.
+  overflow gets non-finite sums, and the refined branch.
   """
   ww, dw, dd = raw
   w_exp, d_exp, centre = estimates
@@ -363,7 +397,7 @@ def tangent_is_exact(sums: TangentSums) -> jax.Array:
 
   True for units of ordinary (scaled) size whose centred step is zero or
   keeps a tangent part without cancellation; False for non-finite units and
-  for those the sample misjudged, which take the careful branch.
+  for those the sample misjudged, which take the refined branch.
   """
   ok = _in_scaled_range(sums.ww) & (_in_scaled_range(sums.ee)
                                     | (sums.ee == 0))
@@ -666,7 +700,10 @@ class Recipe(NamedTuple):
   units whose initial norm ``n0`` is zero. ``estimates(specs, ws, ds,
   axis_name)``, when given, is taken once for the leaves of a group that
   share ``axis_name`` and passed on to each leaf's ``sums``; ``raw``, when
-  given, is the same sums read from the inputs as they are.
+  given, is the same sums read from the inputs as they are. ``refine(spec,
+  w, d, axis_name, sums)``, when given, gives one leaf's sums of a second
+  pass from its first ``sums``; it is tried on the leaves where the first
+  did not serve every unit, before the careful branch.
   """
 
   sums: Callable[..., Any]
@@ -676,17 +713,18 @@ class Recipe(NamedTuple):
   free: Callable[..., Coefficients]
   estimates: Callable[..., Estimates] | None = None
   raw: RawSums | None = None
+  refine: Callable[..., Any] | None = None
 
 
 LAYCA_STEP = Recipe(tangent_sums, tangent_is_exact, fast_layca_step,
                     careful_layca_step, _step_free, sample_estimates,
-                    RAW_TANGENT_SUMS)
+                    RAW_TANGENT_SUMS, refined_tangent_sums)
 BACK_ON_SPHERE = Recipe(sphere_sums, sphere_is_exact, fast_back_on_sphere,
                         careful_back_on_sphere,
                         lambda sums, n0: _sphere_free(sums, n0))
 LAYCA_UPDATE = Recipe(tangent_sums, tangent_is_exact, fast_layca_update,
                       careful_layca_update, _update_free, sample_estimates,
-                      RAW_TANGENT_SUMS)
+                      RAW_TANGENT_SUMS, refined_tangent_sums)
 
 
 def group_sums(recipe: Recipe, layout: UnitLayout,
@@ -749,6 +787,19 @@ def use_fast(serves: Sequence[jax.Array]) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(s) for s in serves]))
 
 
+# The branches of the switch, as :func:`branch_taken` sees them.
+FAST, REFINED, CAREFUL = 0, 1, 2
+
+
+def branch_taken(branch: jax.Array) -> jax.Array:
+  """Where a switch went (``FAST``, ``REFINED`` or ``CAREFUL``: an int32
+  scalar), returned as is. Called once per switch as the update is traced,
+  so that tests and benchmarks can wrap it to read the branch taken, eagerly
+  or as an output of a jitted function: a signal that costs nothing.
+  """
+  return branch
+
+
 def _select(where: jax.Array, a: Coefficients, b: Coefficients) -> Coefficients:
   return Coefficients(*(jnp.where(where, x, y) for x, y in zip(a, b)))
 
@@ -800,44 +851,50 @@ def conditionals_run_both_branches() -> bool:
   return compiling_for() == 'gpu'
 
 
-def switch(fast_serves_all: jax.Array, fast: Callable[[], Any],
-           careful: Callable[[], Any]) -> Any:
-  """``fast()`` where ``fast_serves_all``, else ``careful()``, running only
-  the branch taken (both return the same structure of arrays).
+def switch(fast_serves_all: jax.Array, fast: Callable[..., Any],
+           careful: Callable[..., Any], *operands: Any) -> Any:
+  """``fast(*operands)`` where ``fast_serves_all``, else
+  ``careful(*operands)``, running only the branch taken (both return the
+  same structure of arrays).
 
   A ``lax.cond``; where :func:`conditionals_run_both_branches`, the fast
   result (a few operations on per-unit sums) is always computed and
-  replaced by ``careful()`` in a loop that runs once or not at all.
+  replaced by ``careful()`` in a loop that runs once or not at all. A switch
+  inside a branch of another passes what it needs as ``operands``: values
+  its branches closed over would be traced into them as they stand.
   """
   if not conditionals_run_both_branches():
-    return jax.lax.cond(fast_serves_all, fast, careful)
+    return jax.lax.cond(fast_serves_all, fast, careful, *operands)
   # Explicit operands (the float values the branches close over), so that
   # the loop's derivative can be given: reverse mode cannot go through a
   # while loop, it goes through this conditional's.
-  fast, fast_operands = jax.closure_convert(fast)
-  careful, careful_operands = jax.closure_convert(careful)
-  return _gated_switch(fast, careful, fast_serves_all, fast_operands,
-                       careful_operands)
+  fast, fast_consts = jax.closure_convert(fast, *operands)
+  careful, careful_consts = jax.closure_convert(careful, *operands)
+  return _gated_switch(fast, careful, fast_serves_all, operands, fast_consts,
+                       careful_consts)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _gated_switch(fast, careful, fast_serves_all, fast_operands,
-                  careful_operands):
+def _gated_switch(fast, careful, fast_serves_all, operands, fast_consts,
+                  careful_consts):
   _, chosen = jax.lax.while_loop(
       lambda carry: carry[0],
-      lambda carry: (jnp.zeros_like(carry[0]), careful(*careful_operands)),
-      (jnp.logical_not(fast_serves_all), fast(*fast_operands)))
+      lambda carry: (jnp.zeros_like(carry[0]),
+                     careful(*operands, *careful_consts)),
+      (jnp.logical_not(fast_serves_all), fast(*operands, *fast_consts)))
   return chosen
 
 
 @_gated_switch.defjvp
 def _gated_switch_jvp(fast, careful, primals, tangents):
-  fast_serves_all, fast_operands, careful_operands = primals
-  _, fast_tangents, careful_tangents = tangents
+  fast_serves_all, operands, fast_consts, careful_consts = primals
+  _, operand_tangents, fast_tangents, careful_tangents = tangents
   return jax.lax.cond(
       fast_serves_all,
-      lambda: jax.jvp(fast, fast_operands, fast_tangents),
-      lambda: jax.jvp(careful, careful_operands, careful_tangents))
+      lambda: jax.jvp(fast, (*operands, *fast_consts),
+                      (*operand_tangents, *fast_tangents)),
+      lambda: jax.jvp(careful, (*operands, *careful_consts),
+                      (*operand_tangents, *careful_tangents)))
 
 
 def leaves_stay_on_chip() -> bool:
@@ -868,10 +925,11 @@ def coefficients(recipe: Recipe, specs: Sequence[LayerSpec | None],
   Leaves are grouped by accumulation dtype (float32, or the params' own
   wider dtype), so that each is computed at its own precision and keeps it.
   The fast branch serves the leaves behind one switch if it is exact on
-  every unit of theirs; otherwise the careful one does, behind one
+  every unit of theirs; otherwise the refined one (``recipe.refine``) or,
+  where that is not exact either, the careful one does, behind one
   :func:`switch` for the whole tree (one per leaf where
   :func:`leaves_stay_on_chip`). Free units (``n0 == 0``) follow ``recipe.free``
-  on either branch.
+  on every branch.
 
   Args:
     recipe: which update.
@@ -916,24 +974,50 @@ def _switched_coefficients(recipe: Recipe, specs, w_leaves, d_leaves,
                       [axis_names[i] for i in ids])
     prepared.append((ids, layout, flat, sums))
 
+  def with_free(sums, flat, coef):
+    return _select(flat[0] == 0, recipe.free(sums, *flat), coef)
+
   def fast():
-    return [recipe.fast(sums, *flat) for _, _, flat, sums in prepared]
+    return ([with_free(sums, flat, recipe.fast(sums, *flat))
+             for _, _, flat, sums in prepared], jnp.int32(FAST))
 
   def careful():
     results = []
-    for ids, layout, flat, _ in prepared:
+    for ids, layout, flat, sums in prepared:
       rows = zip(ids, *(layout.split(values) for values in flat))
-      results.append(layout.concat_fields([
+      results.append(with_free(sums, flat, layout.concat_fields([
           recipe.careful(specs[i], w_leaves[i], d_leaves[i], *extra,
-                         axis_names[i]) for i, *extra in rows]))
-    return results
+                         axis_names[i]) for i, *extra in rows])))
+    return results, jnp.int32(CAREFUL)
 
   serves = [fast_serves(recipe, sums, flat[0])
             for _, _, flat, sums in prepared]
-  chosen = switch(use_fast(serves), fast, careful)
+
+  def refined():
+    """A second pass (``recipe.refine``) on the leaves where the first did
+    not serve every unit; the careful branch where it still does not."""
+    results, still = [], []
+    for (ids, layout, flat, sums), first_serves in zip(prepared, serves):
+      leaves = []
+      for i, first, leaf_serves in zip(ids, layout.split_fields(sums),
+                                       layout.split(first_serves)):
+        second = functools.partial(recipe.refine, specs[i], w_leaves[i],
+                                   d_leaves[i], axis_names[i])
+        leaves.append(switch(jnp.all(leaf_serves), lambda first: first,
+                             second, first))
+      both = type(sums)(*(jnp.where(first_serves, a, b) for a, b in
+                          zip(sums, layout.concat_fields(leaves))))
+      results.append(with_free(both, flat, recipe.fast(both, *flat)))
+      still.append(fast_serves(recipe, both, flat[0]))
+    return switch(use_fast(still),
+                  lambda results: (results, jnp.int32(REFINED)),
+                  lambda results: careful(), results)
+
+  chosen, branch = switch(use_fast(serves), fast,
+                          careful if recipe.refine is None else refined)
+  branch_taken(branch)
   out = {}
   for (ids, layout, flat, sums), coef in zip(prepared, chosen):
-    coef = _select(flat[0] == 0, recipe.free(sums, *flat), coef)
     for i, leaf_coef in zip(ids, layout.split_fields(coef)):
       out[i] = leaf_coef
   return out

@@ -67,9 +67,11 @@ def test_profile_update_counts_the_kernels_that_ran(tmp_path):
   sgd, layca = rows['optax.sgd'], rows['lx.layca_sgd']
   assert sgd['kernels'] >= 1 and sgd['kernel_ms'] > 0 and sgd['wall_ms'] > 0
   assert sgd['conditionals'] == 0
-  # XLA:CPU keeps both of Layca's conditionals (sums form, switch) and runs
-  # one branch of each: fewer kernels ran than the program holds.
-  assert layca['conditionals'] == 2 and layca['whiles'] == 0
+  # XLA:CPU keeps Layca's conditionals (the sums' form; the switch to the
+  # refined branch, in which one per layer leaf of the smoke model's two and
+  # the switch to the careful branch) and runs one branch of each: fewer
+  # kernels ran than the program holds.
+  assert layca['conditionals'] == 1 + 1 + 2 + 1 and layca['whiles'] == 0
   assert 0 < layca['kernels'] < layca['fusions']
   assert 'already' in rows['lx.layca_sgd (ablation: lax.cond switch)']['skipped']
   # Tracking's conditional is kept: recording steps are a branch.
@@ -119,8 +121,8 @@ def test_bench_update_warm_rows(tmp_path):
       # 4 dense kernels, one unit per output: 16 + 16 + 16 + 10.
       assert r['unit_count'] == 58
       assert 0 <= r['dead'] + r['parallel'] <= r['unit_count']
-      assert r['branch'] in ('fast', 'careful')
-      assert r['branch_jit'] in ('fast', 'careful')
+      assert r['branch'] in ('fast', 'refined', 'careful')
+      assert r['branch_jit'] in ('fast', 'refined', 'careful')
       assert r['vs_base'] == r['vs_sgd']
       if state == 'warm':  # It trained for real.
         assert r['loss_end'] < 0.8 * r['loss_start']
@@ -167,14 +169,17 @@ def test_census_counts_dead_and_parallel_units(benchmarks, platform,
   assert census['branch'] == 'fast'
   # Two units to centre: XLA:CPU's layout takes the scaled, centred sums.
   assert census['sums'] == ('scaled' if platform == 'cpu' else 'one form')
-  # One entry 2^70 outside its unit's sample: the careful branch.
+  # One entry 2^70 outside its unit's sample: the refined branch; weights
+  # pruned to zero after init: the careful one.
   w = {'kernel': jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)}
   g = {'kernel': rng.normal(size=(16, 8)).astype(np.float32)}
   unsampled = set(range(16 * 8)) - set(_closed_form._sample_positions(16 * 8))
   g['kernel'].flat[min(unsampled)] = 2.0 ** 70
   tx = lx.layca_sgd(0.1)
   g = jax.tree.map(jnp.asarray, g)
-  assert bench_update.census(tx, w, tx.init(w), g)['branch'] == 'careful'
+  assert bench_update.census(tx, w, tx.init(w), g)['branch'] == 'refined'
+  pruned = jax.tree.map(jnp.zeros_like, w)
+  assert bench_update.census(tx, pruned, tx.init(w), g)['branch'] == 'careful'
 
 
 # A compiled XLA:TPU program's shape, by hand: w (HBM) is read by a sample

@@ -6,6 +6,7 @@ is the chain ``base, layca(), scale_by_learning_rate(rate), keep_norm()``.
 """
 
 import collections
+import contextlib
 import functools
 import math
 
@@ -497,6 +498,154 @@ def test_estimates_of_a_group_are_each_leafs_own(seed, scales):
       np.testing.assert_array_equal(x.ravel(), y)
 
 
+# ---------------------------------------------------------------------------
+# Units the sample misses: the refined branch.
+
+
+_SPARSE_SHAPES = {'sparse': (512, 6), 'ordinary': (48, 5)}
+
+
+def _sparse_tree(rng, w_scale, d_scale):
+  """Per-neuron units whose few large entries the sample misses: each unit
+  of ``sparse`` is fed by four live inputs outside its sample (weights
+  ~``w_scale``, the rest 1e-6 of that), its step there either ordinary or
+  stale momentum nearly along the live weights (1e-6 to 1e-2 rad), and
+  ~1e-20 of ``d_scale`` elsewhere (momentum decayed at dead inputs): the
+  sample's scales are off by 2^20 (weights) and 2^60 (steps), and its
+  centre is meaningless. The units of ``ordinary`` are plain. Float32
+  values with subnormals flushed, as the device sees them."""
+  fan_in, units = _SPARSE_SHAPES['sparse']
+  unsampled = sorted(set(range(fan_in)) - set(cf._sample_positions(fan_in)))
+  w = rng.normal(size=(fan_in, units)) * 1e-6
+  d = rng.normal(size=(fan_in, units)) * 1e-20
+  for j in range(units):
+    live = rng.choice(unsampled, size=4, replace=False)
+    w[live, j] = rng.normal(size=4)
+    if j % 2:
+      d[live, j] = rng.normal(size=4)
+    else:
+      unit = w[live, j] / np.linalg.norm(w[live, j])
+      noise = rng.normal(size=4)
+      noise -= (noise @ unit) * unit
+      angle = 10.0 ** rng.uniform(-6, -2)
+      d[live, j] = (-np.cos(angle) * unit
+                    + np.sin(angle) * noise / np.linalg.norm(noise))
+  trees = {'sparse': (w * w_scale, d * d_scale)}
+  shape = _SPARSE_SHAPES['ordinary']
+  trees['ordinary'] = (rng.normal(size=shape) * w_scale,
+                       rng.normal(size=shape) * d_scale)
+  tiny = np.finfo(np.float32).tiny
+  flush = lambda x: np.where(np.abs(np.float32(x)) < tiny, np.float32(0),
+                             np.float32(x))
+  return ({k: flush(w) for k, (w, _) in trees.items()},
+          {k: flush(d) for k, (_, d) in trees.items()})
+
+
+@contextlib.contextmanager
+def recording_branches():
+  """Within it, each switch of the library appends the branch it took
+  (``cf.FAST``, ``cf.REFINED``, ``cf.CAREFUL``) to the list yielded, as
+  traced: a concrete value eagerly, or a value to return from ``jax.jit``."""
+  branches, original = [], cf.branch_taken
+
+  def spy(branch):
+    branches.append(original(branch))
+    return branches[-1]
+
+  cf.branch_taken = spy
+  try:
+    yield branches
+  finally:
+    cf.branch_taken = original
+
+
+@functools.lru_cache(maxsize=None)
+def _update_and_branches(make):
+  """``make()``'s jitted update (its rate a hyperparameter), returning the
+  branches its switches took beside the updates."""
+  tx = make()
+
+  @jax.jit
+  def update(params, grads, rate):
+    state = tx.init(params)
+    state.hyperparams['learning_rate'] = rate
+    with recording_branches() as branches:
+      updates, _ = tx.update(grads, state, params)
+    return updates, list(branches)
+
+  return lambda params, grads, rate: update(params, grads,
+                                            jnp.asarray(rate, jnp.float32))
+
+
+_SPARSE_OPTIMIZERS = {
+    'fused': lambda: optax.inject_hyperparams(
+        lx.layca_sgd, static_args=('momentum', 'nesterov', 'per_neuron'))(
+            learning_rate=0.1, per_neuron=True),
+    'links': lambda: optax.inject_hyperparams(
+        lambda learning_rate: chain_of_links(optax.identity(), learning_rate,
+                                             per_neuron=True))(
+            learning_rate=0.1),
+}
+
+
+@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2 ** 16),
+                  w_exp=st.sampled_from([-30, 0, 30]),
+                  d_exp=st.sampled_from([-40, 0, 40]),
+                  rate=st.sampled_from([3.0 ** -5, 3.0 ** -3, 0.3]),
+                  kind=st.sampled_from(sorted(_SPARSE_OPTIMIZERS)))
+def test_units_the_sample_misses_take_the_refined_branch(seed, w_exp, d_exp,
+                                                          rate, kind):
+  """Sparse units whose large entries the sample misses (scales off by
+  2^40, stale momentum nearly along the weights) are served by the refined
+  branch, not the careful one, and every unit follows Algorithm 1 in
+  float64."""
+  w_leaves, d_leaves = _sparse_tree(np.random.default_rng(seed),
+                                    2.0 ** w_exp, 2.0 ** d_exp)
+  params = {k: jnp.asarray(v) for k, v in w_leaves.items()}
+  grads = {k: jnp.asarray(v) for k, v in d_leaves.items()}
+  first = cf.fast_serves(
+      cf.LAYCA_UPDATE, cf.tangent_sums(
+          LayerSpec('sparse', params['sparse'].shape, 0, True),
+          params['sparse'], grads['sparse'], None), jnp.float32(1.0))
+  assert not np.any(first), 'the sample was meant to miss every sparse unit'
+  updates, branches = _update_and_branches(_SPARSE_OPTIMIZERS[kind])(
+      params, grads, rate)
+  # The tangent step's switch (the links' keep_norm has a switch of its own).
+  assert int(branches[0]) == cf.REFINED
+  for name, w in w_leaves.items():
+    new = np.asarray(params[name] + updates[name], np.float64)
+    w64, d64 = w.astype(np.float64), d_leaves[name].astype(np.float64)
+    for j in range(w.shape[1]):
+      n0 = np.linalg.norm(w64[:, j])
+      want = reference.layca_step(w64[:, j], d64[:, j], n0, rate)
+      np.testing.assert_allclose(np.linalg.norm(new[:, j]), n0, rtol=1e-6)
+      np.testing.assert_allclose(new[:, j], want, rtol=0, atol=2e-5 * n0,
+                                 err_msg=f'{name}:{j}')
+
+
+def test_what_the_refined_branch_cannot_serve_takes_the_careful_one():
+  """A unit whose weights became zero (pruned after init) is out of reach of
+  both fast passes: the careful branch serves the tree, the unit keeps its
+  (zero) weights and the other units follow Algorithm 1."""
+  rng = np.random.default_rng(11)
+  init = rng.normal(size=(40, 6)).astype(np.float32)
+  w = rng.normal(size=(40, 6)).astype(np.float32)
+  d = rng.normal(size=(40, 6)).astype(np.float32)
+  w[:, 2] = 0.0
+  params, grads = {'k': jnp.asarray(w)}, {'k': jnp.asarray(d)}
+  tx = lx.layca_sgd(0.1, per_neuron=True)
+  with recording_branches() as branches:
+    updates, _ = tx.update(grads, tx.init({'k': jnp.asarray(init)}), params)
+  assert [int(b) for b in branches] == [cf.CAREFUL]
+  new = np.asarray(params['k'] + updates['k'], np.float64)
+  np.testing.assert_array_equal(new[:, 2], 0.0)
+  for j in (0, 1, 3, 4, 5):
+    n0 = np.linalg.norm(init[:, j].astype(np.float64))
+    want = reference.layca_step(w[:, j], d[:, j], n0, 0.1)
+    np.testing.assert_allclose(new[:, j], want, rtol=0, atol=2e-6 * n0)
+
+
 @pytest.mark.parametrize('platform', ['cpu', 'gpu', 'tpu'])
 def test_leaves_on_different_mesh_axes_update_as_unsplit(platform,
                                                          monkeypatch):
@@ -610,11 +759,12 @@ def test_on_xla_cpu_each_raw_sum_reads_the_inputs():
 @pytest.mark.parametrize('base', ['momentum', 'adam'])
 @pytest.mark.parametrize('platform', ['cpu', 'gpu'])
 def test_vmapped_and_differentiated_updates(base, platform, monkeypatch):
-  """An ensemble (``jax.vmap`` over members, one of which takes the careful
-  branch) gets each member's own update, and an update can be
-  differentiated in forward and reverse mode (``jax.jvp``, ``jax.grad``, as
-  meta-learning does), with a conditional for the switch (XLA:CPU, XLA:TPU)
-  and with XLA:GPU's loop around the careful branch: that loop and the
+  """An ensemble (``jax.vmap`` over members on the fast and the refined
+  branch) gets each member's own update, and an update on the
+  refined branch can be differentiated in forward and reverse mode
+  (``jax.jvp``, ``jax.grad``, as meta-learning does), with conditionals for
+  the switches (XLA:CPU, XLA:TPU) and with XLA:GPU's loops around the
+  branches after the fast one: those loops (one inside another) and the
   barrier that makes a stateful base's direction be computed once are
   transparent to all three."""
   monkeypatch.setattr(cf, 'compiling_for', lambda: platform)
@@ -623,10 +773,13 @@ def test_vmapped_and_differentiated_updates(base, platform, monkeypatch):
               'b': jnp.zeros(8)} for _ in range(3)]
   grads = [{k: rng.normal(size=x.shape).astype(np.float32)
             for k, x in m.items()} for m in members]
-  # The second member's step takes the careful branch (an entry 2^70 outside
-  # its sample), the others the fast one: a switch with a batched predicate.
-  unsampled = sorted(set(range(16 * 8)) - set(cf._sample_positions(16 * 8)))
-  grads[1]['k'].flat[unsampled[0]] = 2.0 ** 70
+  # The second member's step takes the refined branch (the sample of its
+  # weights sees only entries 1e-16 of the rest), the others the fast one
+  # (the third's NaN step is skipped before the base): switches with a
+  # batched predicate.
+  members[1]['k'] = members[1]['k'].at[np.unravel_index(
+      cf._sample_positions(16 * 8), (16, 8))].multiply(1e-16)
+  grads[2]['k'][5, 3] = np.nan
   grads = [jax.tree.map(jnp.asarray, g) for g in grads]
   tx = BASES[base][0](0.1)
   stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
@@ -639,27 +792,30 @@ def test_vmapped_and_differentiated_updates(base, platform, monkeypatch):
 
   batched = jax.vmap(step)(stack(members), stack(grads))
   for i, (p, g) in enumerate(zip(members, grads)):
+    with recording_branches() as branches:
+      alone = step(p, g)
+    assert int(branches[0]) == (cf.FAST, cf.REFINED, cf.FAST)[i]
     # To float32 rounding: batched sums may add in another order.
-    np.testing.assert_allclose(batched['k'][i], step(p, g)['k'], rtol=1e-5,
+    np.testing.assert_allclose(batched['k'][i], alone['k'], rtol=1e-5,
                                atol=1e-6)
-  tangent = jax.tree.map(jnp.ones_like, grads[0])
-  value, derivative = jax.jvp(lambda g: step(members[0], g), (grads[0],),
+  tangent = jax.tree.map(jnp.ones_like, grads[1])
+  value, derivative = jax.jvp(lambda g: step(members[1], g), (grads[1],),
                               (tangent,))
   # The jvp's primal is the update, to float32 rounding (on XLA:GPU's
-  # layout the update runs the fast branch compiled, the jvp op by op).
-  np.testing.assert_allclose(value['k'], step(members[0], grads[0])['k'],
+  # layout the update runs compiled, the jvp op by op).
+  np.testing.assert_allclose(value['k'], step(members[1], grads[1])['k'],
                              rtol=1e-5, atol=1e-6)
   assert np.all(np.isfinite(derivative['k']))
   # Reverse mode agrees with forward mode: <grad of <u, v>, t> is the
   # derivative of <u, v> along t (~0 for Adam, whose first steps are signs).
   v, t = (jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape),
-                                             jnp.float32), grads[0])
+                                             jnp.float32), grads[1])
           for _ in range(2))
   dot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a),
                                                         jax.tree.leaves(b)))
-  scalar = lambda g: dot(step(members[0], g), v)
-  along = float(dot(jax.jit(jax.grad(scalar))(grads[0]), t))
-  forward = float(jax.jvp(scalar, (grads[0],), (t,))[1])
+  scalar = lambda g: dot(step(members[1], g), v)
+  along = float(dot(jax.jit(jax.grad(scalar))(grads[1]), t))
+  forward = float(jax.jvp(scalar, (grads[1],), (t,))[1])
   assert abs(along - forward) <= 1e-4 * abs(forward) + 1e-5
   if base == 'momentum':
     assert abs(forward) > 0.1
@@ -671,7 +827,7 @@ def test_vmapped_and_differentiated_updates(base, platform, monkeypatch):
 def test_a_switch_per_leaf_keeps_the_other_leaves_fast(make, monkeypatch):
   """With one switch per leaf (what a TPU backend traces: leaves stay on
   chip), a leaf whose sample misjudges it (one entry 2^70 outside its
-  sample) takes the careful branch alone, the other leaf keeps the fast
+  sample) takes the refined branch alone, the other leaf keeps the fast
   one, and the update is the whole-tree switch's and Algorithm 1's."""
   rng = np.random.default_rng(4)
   w = {'a': rng.normal(size=(8, 6)), 'b': rng.normal(size=(16, 8))}
@@ -681,23 +837,19 @@ def test_a_switch_per_leaf_keeps_the_other_leaves_fast(make, monkeypatch):
   params = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
   grads = {k: jnp.asarray(v, jnp.float32) for k, v in g.items()}
 
-  original = cf.use_fast
-
   def update(per_leaf):
     monkeypatch.setattr(cf, 'compiling_for',
                         lambda: 'tpu' if per_leaf else 'gpu')
-    decisions = []
-    monkeypatch.setattr(cf, 'use_fast', lambda serves: decisions.append(
-        bool(original(serves))) or decisions[-1])
     tx = make()
-    updates, _ = tx.update(grads, tx.init(params), params)
-    return optax.apply_updates(params, updates), decisions
+    with recording_branches() as branches:
+      updates, _ = tx.update(grads, tx.init(params), params)
+    return optax.apply_updates(params, updates), [int(b) for b in branches]
 
-  per_leaf, per_leaf_decisions = update(True)
-  whole, whole_decisions = update(False)
+  per_leaf, per_leaf_branches = update(True)
+  whole, whole_branches = update(False)
   # The tangent step's switches come first (keep_norm's follow in the chain).
-  assert whole_decisions[0] is False
-  assert per_leaf_decisions[:2] == [True, False]  # 'a' fast, 'b' careful.
+  assert whole_branches[0] == cf.REFINED
+  assert per_leaf_branches[:2] == [cf.FAST, cf.REFINED]
   for k in w:
     want = reference.layca_step(w[k], g[k], np.linalg.norm(w[k]), 0.1)
     assert relative_error(per_leaf[k], want) < 1e-5
@@ -717,24 +869,24 @@ def primitive_counts(jaxpr) -> collections.Counter:
   return counts
 
 
-@pytest.mark.parametrize('base,careful', [
+@pytest.mark.parametrize('base,refined', [
     ('momentum', False), ('adam', False), ('momentum', True)],
-    ids=['momentum', 'adam', 'momentum-careful'])
-def test_each_platform_lays_out_the_same_update(base, careful, monkeypatch):
+    ids=['momentum', 'adam', 'momentum-refined'])
+def test_each_platform_lays_out_the_same_update(base, refined, monkeypatch):
   """Traced for XLA:TPU (``leaves_stay_on_chip``), nothing waits on the whole
   tree: one switch per layer leaf and no barrier on the base's direction.
   For XLA:GPU one barrier (the direction computed once) and one switch, a
-  loop of at most one trip (``conditionals_run_both_branches``); for
-  XLA:CPU one conditional and one more choosing to read the sums raw
-  (``shared_operands_cost_a_pass``). The same update on all three, also
-  where a unit takes the careful branch (a gradient entry 2^70 outside the
-  sample)."""
+  loop of at most one trip (``conditionals_run_both_branches``) around
+  each branch after the fast one; for XLA:CPU conditionals, and one more
+  choosing to read the sums raw (``shared_operands_cost_a_pass``). The
+  same update on all three, also where a unit takes the refined branch (a
+  gradient entry 2^70 outside the sample)."""
   rng = np.random.default_rng(6)
   params = {'a': rng.normal(size=(8, 6)), 'b': rng.normal(size=(16, 8)),
             'bias': np.zeros(8)}
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   grads = {k: rng.normal(size=x.shape) for k, x in params.items()}
-  if careful:
+  if refined:
     unsampled = sorted(set(range(16 * 8)) - set(cf._sample_positions(16 * 8)))
     grads['b'].flat[unsampled[0]] = 2.0 ** 70
   grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grads)
@@ -752,10 +904,12 @@ def test_each_platform_lays_out_the_same_update(base, careful, monkeypatch):
 
   (tpu, tpu_updates), (gpu, updates), (cpu, cpu_updates) = map(
       traced, ['tpu', 'gpu', 'cpu'])
-  assert tpu['cond'] == 2 * 2 and 'optimization_barrier' not in tpu
-  assert gpu['while'] == 2 and 'cond' not in gpu
+  # Per switch and update: the fast/refined switch, a switch per leaf in
+  # the refined branch, and its refined/careful switch.
+  assert tpu['cond'] == 2 * 2 * 3 and 'optimization_barrier' not in tpu
+  assert gpu['while'] == 2 * (2 + 2) and 'cond' not in gpu
   assert gpu['optimization_barrier'] == 2
-  assert cpu['cond'] == 2 * 2 and cpu['optimization_barrier'] == 2
+  assert cpu['cond'] == 2 * (1 + 2 + 2) and cpu['optimization_barrier'] == 2
   for k in params:
     assert np.all(np.isfinite(updates[k]))
     for other in (tpu_updates, cpu_updates):
