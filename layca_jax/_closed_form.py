@@ -30,10 +30,11 @@ read as one product of the inputs: :func:`shared_operands_cost_a_pass`).
 When some unit is out of reach, a single switch over the whole tree (one
 per layer leaf on TPU: :func:`leaves_stay_on_chip`; a ``lax.cond``, on GPU
 a loop of at most one trip: :func:`switch`) takes the *refined* branch: the
-leaves holding such units are summed again with each unit's exact scale (its
-largest entries) and a centre read from the first sums
-(:func:`refined_tangent_sums`), which serves a sample that missed the few
-large entries of a sparse unit (a neuron fed by a handful of live inputs).
+leaves holding such units (on GPU every leaf) are summed again with each
+unit's exact scale (its largest entries) and a centre read from the first
+sums (:func:`refined_tangent_sums`), which serves a sample that missed the
+few large entries of a sparse unit (a neuron fed by a handful of live
+inputs).
 Only units still out of reach (non-finite values, zero weights) send the
 tree to the *careful* branch (sums of values scaled by exact powers of two,
 the tangent's norm measured on the projected step, the result measured and
@@ -305,7 +306,7 @@ def refined_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
   """
   w_exp = _peak_exponent(nx.unit_max_abs(nx.upcast(w), spec, axis_name))
   d_exp = _peak_exponent(nx.unit_max_abs(nx.upcast(d), spec, axis_name))
-  ww, dw, dd = raw_tangent_sums(spec, w, d, axis_name)
+  ww, dw, _ = raw_tangent_sums(spec, w, d, axis_name)
   # c_hat = c * 2^(w_exp - d_exp) in the units of the scaled values.
   usable = jnp.isfinite(first.ww) & (first.ww > 0) & jnp.isfinite(first.ew)
   from_first = jnp.ldexp(
@@ -995,16 +996,24 @@ def _switched_coefficients(recipe: Recipe, specs, w_leaves, d_leaves,
 
   def refined():
     """A second pass (``recipe.refine``) on the leaves where the first did
-    not serve every unit; the careful branch where it still does not."""
+    not serve every unit (on every leaf on XLA:GPU); the careful branch
+    where it still does not."""
     results, still = [], []
+    alone = sum(len(ids) for ids, *_ in prepared) == 1
     for (ids, layout, flat, sums), first_serves in zip(prepared, serves):
       leaves = []
       for i, first, leaf_serves in zip(ids, layout.split_fields(sums),
                                        layout.split(first_serves)):
         second = functools.partial(recipe.refine, specs[i], w_leaves[i],
                                    d_leaves[i], axis_names[i])
-        leaves.append(switch(jnp.all(leaf_serves), lambda first: first,
-                             second, first))
+        if alone or conditionals_run_both_branches():
+          # Alone, the leaf is here because it needs the second pass; on
+          # XLA:GPU each switch's loop has the host read its predicate (~60
+          # us): one per leaf would cost more than summing every leaf again.
+          leaves.append(second(first))
+        else:
+          leaves.append(switch(jnp.all(leaf_serves), lambda first: first,
+                               second, first))
       both = type(sums)(*(jnp.where(first_serves, a, b) for a, b in
                           zip(sums, layout.concat_fields(leaves))))
       results.append(with_free(both, flat, recipe.fast(both, *flat)))
