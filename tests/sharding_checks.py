@@ -240,7 +240,7 @@ def check_layouts_placed(layout: str, axis_type=AxisType.Auto,
 
 
 def check_dp() -> None:
-  check_layouts_placed('dp')
+  check_layouts_placed('dp', names=CORE)
 
 
 def check_fsdp() -> None:
@@ -248,7 +248,7 @@ def check_fsdp() -> None:
 
 
 def check_tp() -> None:
-  check_layouts_placed('tp')
+  check_layouts_placed('tp', names=CORE)
 
 
 def check_fsdp_tp_2d() -> None:

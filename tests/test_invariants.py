@@ -54,7 +54,7 @@ def problems(draw):
 
 
 @pytest.mark.parametrize('name', sorted(OPTIMIZERS))
-@settings(max_examples=8, deadline=None, derandomize=True)
+@settings(max_examples=5, deadline=None, derandomize=True)
 @given(problem=problems())
 def test_each_step_keeps_norms_and_turns_by_atan_rate(name, problem):
   params, grads, rate, stack_axes, per_neuron, multiplier = problem
