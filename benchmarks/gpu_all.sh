@@ -2,7 +2,7 @@
 # Every GPU row of benchmarks/README.md, in one go (~15 minutes on an H100/H200:
 # more than one lent session holds; name the steps to split it across sessions),
 # or only the steps named:  bash benchmarks/gpu_all.sh [update_resnet50
-# update_gpt2_small graphs profile warm train sums rotation torch cond]
+# update_gpt2_small graphs profile warm warm_wide train sums rotation torch cond]
 # Writes JSON (and a log) under $OUT (default: benchmarks/results/gpu); the lent
 # device returns at most 8 files a call (the cond step writes two JSON files).
 # Run from the repository root.
@@ -12,7 +12,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-STEPS=${*:-update_resnet50 update_gpt2_small graphs profile warm train sums rotation torch cond}
+STEPS=${*:-update_resnet50 update_gpt2_small graphs profile warm warm_wide train sums rotation torch cond}
 cd benchmarks
 # Each step has its own time limit so that one slow step cannot eat the rest.
 step() {  # step NAME SECONDS SCRIPT ARGS...
@@ -39,6 +39,8 @@ step() {  # step NAME SECONDS SCRIPT ARGS...
   step profile 240 profile_update.py --full --steps 10 --json "$OUT/profile_update.json"
   # Warm states (needs scikit-learn): the update at states real training reaches.
   step warm 120 bench_update.py --models --steps 50 --repeats 10 --json "$OUT/bench_update_warm.json"
+  # A 1024-wide MLP: sparse units the sample misses, the refined branch.
+  step warm_wide 90 bench_update.py --models --steps 50 --repeats 10 --warm-width 1024 --warm-optimizers 'lx.layca_sgd(momentum=0.9)' --warm-units neuron --json "$OUT/bench_update_warm1024.json"
   step train 120 bench_train_step.py --full --steps 20 --repeats 10 --json "$OUT/bench_train_step.json"
   step sums 60 bench_sum_forms.py --full --steps 50 --repeats 10 --json "$OUT/bench_sum_forms.json"
   step rotation 120 bench_rotation.py --full --steps 50 --repeats 10 --json "$OUT/bench_rotation.json"

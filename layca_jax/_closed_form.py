@@ -860,9 +860,10 @@ def switch(fast_serves_all: jax.Array, fast: Callable[..., Any],
 
   A ``lax.cond``; where :func:`conditionals_run_both_branches`, the fast
   result (a few operations on per-unit sums) is always computed and
-  replaced by ``careful()`` in a loop that runs once or not at all. A switch
-  inside a branch of another passes what it needs as ``operands``: values
-  its branches closed over would be traced into them as they stand.
+  replaced by ``careful(*operands)`` in a loop that runs once or not at
+  all. A switch inside a branch of another passes what it needs as
+  ``operands``: integer values its branches closed over would be traced
+  into them as they stand (``jax.closure_convert`` lifts only floats).
   """
   if not conditionals_run_both_branches():
     return jax.lax.cond(fast_serves_all, fast, careful, *operands)
