@@ -596,8 +596,9 @@ _SPARSE_OPTIMIZERS = {
                   kind=st.sampled_from(sorted(_SPARSE_OPTIMIZERS)))
 def test_units_the_sample_misses_take_the_refined_branch(seed, w_exp, d_exp,
                                                           rate, kind):
-  """Sparse units whose large entries the sample misses (scales off by
-  2^40, stale momentum nearly along the weights) are served by the refined
+  """Sparse units whose large entries the sample misses (its scales off by
+  2^20 and 2^60, stale momentum nearly along the weights), with weights at
+  2^-30 to 2^30 and steps at 2^-40 to 2^40, are served by the refined
   branch, not the careful one, and every unit follows Algorithm 1 in
   float64."""
   w_leaves, d_leaves = _sparse_tree(np.random.default_rng(seed),
