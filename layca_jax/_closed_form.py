@@ -34,8 +34,7 @@ leaves holding such units (on GPU every leaf) are summed again with each
 unit's exact scale (its largest entries) and a centre read from the first
 sums (:func:`refined_tangent_sums`), which serves a sample that missed the
 few large entries of a sparse unit (a neuron fed by a handful of live
-inputs).
-Only units still out of reach (non-finite values, zero weights) send the
+inputs). Only units still out of reach (non-finite values, zero weights) send the
 tree to the *careful* branch (sums of values scaled by exact powers of two,
 the tangent's norm measured on the projected step, the result measured and
 put back on its sphere). Every branch returns only per-unit coefficients,
@@ -913,7 +912,8 @@ def leaves_stay_on_chip() -> bool:
   tree keeps one switch (a conditional per leaf cost XLA:CPU ~40 us each;
   on XLA:GPU each switch reads its predicate on the host). Decided when
   tracing (:func:`compiling_for`); either way gives the same update to
-  float32 rounding (only which leaves take the careful branch differs). Numbers: benchmarks/README.md.
+  float32 rounding (only which leaves take the refined or careful branch
+  differs). Numbers: benchmarks/README.md.
   """
   return compiling_for() == 'tpu'
 
@@ -976,20 +976,17 @@ def _switched_coefficients(recipe: Recipe, specs, w_leaves, d_leaves,
                       [axis_names[i] for i in ids])
     prepared.append((ids, layout, flat, sums))
 
-  def with_free(sums, flat, coef):
-    return _select(flat[0] == 0, recipe.free(sums, *flat), coef)
-
   def fast():
-    return ([with_free(sums, flat, recipe.fast(sums, *flat))
-             for _, _, flat, sums in prepared], jnp.int32(FAST))
+    return ([recipe.fast(sums, *flat) for _, _, flat, sums in prepared],
+            jnp.int32(FAST))
 
   def careful():
     results = []
-    for ids, layout, flat, sums in prepared:
+    for ids, layout, flat, _ in prepared:
       rows = zip(ids, *(layout.split(values) for values in flat))
-      results.append(with_free(sums, flat, layout.concat_fields([
+      results.append(layout.concat_fields([
           recipe.careful(specs[i], w_leaves[i], d_leaves[i], *extra,
-                         axis_names[i]) for i, *extra in rows])))
+                         axis_names[i]) for i, *extra in rows]))
     return results, jnp.int32(CAREFUL)
 
   serves = [fast_serves(recipe, sums, flat[0])
@@ -1017,7 +1014,7 @@ def _switched_coefficients(recipe: Recipe, specs, w_leaves, d_leaves,
                                second, first))
       both = type(sums)(*(jnp.where(first_serves, a, b) for a, b in
                           zip(sums, layout.concat_fields(leaves))))
-      results.append(with_free(both, flat, recipe.fast(both, *flat)))
+      results.append(recipe.fast(both, *flat))
       still.append(fast_serves(recipe, both, flat[0]))
     return switch(use_fast(still),
                   lambda results: (results, jnp.int32(REFINED)),
@@ -1028,6 +1025,9 @@ def _switched_coefficients(recipe: Recipe, specs, w_leaves, d_leaves,
   branch_taken(branch)
   out = {}
   for (ids, layout, flat, sums), coef in zip(prepared, chosen):
+    # Free units follow their own rule on every branch (their first sums
+    # serve it: the refined branch keeps them).
+    coef = _select(flat[0] == 0, recipe.free(sums, *flat), coef)
     for i, leaf_coef in zip(ids, layout.split_fields(coef)):
       out[i] = leaf_coef
   return out

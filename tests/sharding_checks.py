@@ -490,8 +490,8 @@ def check_traced_as_on_tpu() -> None:
 
 
 def check_traced_as_on_gpu() -> None:
-  """The careful branch behind a loop of at most one trip, in a custom_jvp
-  (``_closed_form.conditionals_run_both_branches``)."""
+  """The branches after the fast one behind loops of at most one trip, in
+  custom_jvps (``_closed_form.conditionals_run_both_branches``)."""
   traced_as_on('gpu')
 
 
