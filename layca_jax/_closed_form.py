@@ -150,8 +150,8 @@ def _split_exponent(value: jax.Array, exponent: jax.Array):
   """``value * 2^exponent`` as ``(beta1, beta2)`` with ``beta2 = 2^-shift``
   a bounded power of two and ``beta1`` carrying the rest."""
   shift = jnp.clip(-exponent, -_MAX_SHIFT, _MAX_SHIFT)
-  return (jnp.ldexp(value, exponent + shift),
-          jnp.ldexp(jnp.ones_like(value), -shift))
+  return (nx.ldexp_exact(value, exponent + shift),
+          nx.pow2(-shift, value.dtype) * jnp.ones_like(value))
 
 
 # ---------------------------------------------------------------------------
@@ -213,9 +213,7 @@ def _unit_sample(x: jax.Array, spec: LayerSpec) -> jax.Array:
 def _peak_exponent(peak: jax.Array) -> jax.Array:
   """Exponent ``e`` with ``peak * 2^-e`` in ``[0.5, 1)`` (0 where zero or not
   finite), clipped to ``+-_MAX_EXPONENT``."""
-  usable = jnp.isfinite(peak) & (peak > 0)
-  _, e = jnp.frexp(jnp.where(usable, peak, 1.0))
-  return jnp.where(usable, jnp.clip(e, -_MAX_EXPONENT, _MAX_EXPONENT), 0)
+  return jnp.clip(nx.frexp_exponent(peak), -_MAX_EXPONENT, _MAX_EXPONENT)
 
 
 def _sample_rows(x: jax.Array, spec: LayerSpec) -> jax.Array:
@@ -282,9 +280,9 @@ def tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array, axis_name,
     estimates = tuple(x.reshape(spec.keepdims_shape) for x in
                       sample_estimates([spec], [w], [d], axis_name))
   w_exp, d_exp, centre = estimates
-  one = jnp.ones((), centre.dtype)
-  w_hat = nx.upcast(w) * jnp.ldexp(one, -w_exp)
-  e = minus_product(nx.upcast(d) * jnp.ldexp(one, -d_exp), centre, w_hat)
+  w_hat = nx.upcast(w) * nx.pow2(-w_exp, centre.dtype)
+  e = minus_product(nx.upcast(d) * nx.pow2(-d_exp, centre.dtype), centre,
+                    w_hat)
   return TangentSums(nx.unit_sum(w_hat * w_hat, spec, axis_name),
                      nx.unit_sum(e * w_hat, spec, axis_name),
                      nx.unit_sum(e * e, spec, axis_name), w_exp, d_exp, centre)
@@ -308,13 +306,13 @@ def refined_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
   ww, dw, _ = raw_tangent_sums(spec, w, d, axis_name)
   # c_hat = c * 2^(w_exp - d_exp) in the units of the scaled values.
   usable = jnp.isfinite(first.ww) & (first.ww > 0) & jnp.isfinite(first.ew)
-  from_first = jnp.ldexp(
+  from_first = nx.ldexp_exact(
       first.centre + first.ew / jnp.where(usable, first.ww, 1.0),
       (w_exp - first.w_exp) - (d_exp - first.d_exp))
   # An estimate only (the check on the new sums judges it): plain sums out
   # of the safe range still centre a unit whose first sums overflowed.
   plain = (ww > 0) & jnp.isfinite(ww) & jnp.isfinite(dw)
-  from_plain = jnp.ldexp(dw / jnp.where(plain, ww, 1.0), w_exp - d_exp)
+  from_plain = nx.ldexp_exact(dw / jnp.where(plain, ww, 1.0), w_exp - d_exp)
   centre = jnp.where(usable, from_first, jnp.where(plain, from_plain, 0.0))
   centre = jnp.where(jnp.isfinite(centre), centre, 0.0)
   return tangent_sums(spec, w, d, axis_name, (w_exp, d_exp, centre))
@@ -366,8 +364,9 @@ def scale_raw_tangent_sums(raw: Sequence[jax.Array],
   """
   ww, dw, dd = raw
   w_exp, d_exp, centre = estimates
-  return TangentSums(jnp.ldexp(ww, -2 * w_exp), jnp.ldexp(dw, -w_exp - d_exp),
-                     jnp.ldexp(dd, -2 * d_exp), w_exp, d_exp, centre)
+  return TangentSums(nx.ldexp_exact(ww, -2 * w_exp),
+                     nx.ldexp_exact(dw, -w_exp - d_exp),
+                     nx.ldexp_exact(dd, -2 * d_exp), w_exp, d_exp, centre)
 
 
 class RawSums(NamedTuple):
@@ -439,13 +438,13 @@ def fast_tangent(sums: TangentSums) -> FastTangent:
   moves = ok & nx.has_tangent(tt, dd)
   tt = jnp.where(moves, tt, 1.0)
   c_hat = sums.centre + q
-  one = jnp.ones((), ww.dtype)
-  w_scale = jnp.ldexp(one, sums.w_exp)
+  w_scale = nx.pow2(sums.w_exp, ww.dtype)
+  w_unscale = nx.pow2(-sums.w_exp, ww.dtype)
   return FastTangent(
       ratio=jnp.sqrt(ww) * jax.lax.rsqrt(tt),
-      beta2=jnp.ldexp(one, -sums.d_exp),
-      gamma=jnp.ldexp(c_hat, -sums.w_exp),
-      along=jnp.ldexp(q - (c_hat - sums.centre), -sums.w_exp),
+      beta2=nx.pow2(-sums.d_exp, ww.dtype),
+      gamma=c_hat * w_unscale,
+      along=(q - (c_hat - sums.centre)) * w_unscale,
       w_scale=w_scale, ww=ww, tt=tt, moves=moves,
       w_norm=w_scale * jnp.sqrt(ww))
 
@@ -497,8 +496,9 @@ def careful_tangent(spec: LayerSpec, w: jax.Array, d: jax.Array,
   norm = jnp.where(moves, nx.ldexp_exact(jnp.sqrt(ww), ew),
                    jnp.where(w_finite, 0.0, jnp.nan))
   return CarefulTangent(ratio, ew - ed + shift,
-                        jnp.ldexp(jnp.ones_like(ww), -shift),
-                        jnp.ldexp(c, ed - shift - ew), ww, ew, moves, d_finite,
+                        nx.pow2(-shift, ww.dtype),
+                        nx.ldexp_exact(c, ed - shift - ew), ww, ew, moves,
+                        d_finite,
                         norm)
 
 
@@ -520,7 +520,8 @@ def _tangent_sums_finite(sums: TangentSums) -> jax.Array:
 def _tangent_free(sums: TangentSums, rate: jax.Array) -> Coefficients:
   """A free unit: ``rate * d``, zero (and skipped) where not finite."""
   finite = _tangent_sums_finite(sums)
-  w_norm = jnp.ldexp(jnp.sqrt(jnp.where(finite, sums.ww, jnp.nan)), sums.w_exp)
+  w_norm = (jnp.sqrt(jnp.where(finite, sums.ww, jnp.nan))
+            * nx.pow2(sums.w_exp, sums.ww.dtype))
   return pass_through(rate, finite, w_norm)
 
 
@@ -543,7 +544,8 @@ def careful_layca_step(spec: LayerSpec, w: jax.Array, d: jax.Array,
   del n0
   t = careful_tangent(spec, w, d, axis_name)
   return Coefficients(jnp.zeros_like(t.ratio),
-                      jnp.ldexp(multiplier * t.ratio, t.exponent), t.beta2,
+                      nx.ldexp_exact(multiplier * t.ratio, t.exponent),
+                      t.beta2,
                       t.gamma, t.moves, t.finite, t.norm)
 
 
@@ -631,14 +633,15 @@ def careful_layca_update(spec: LayerSpec, w: jax.Array, d: jax.Array,
   the step nearly cancel and rounding would move it off.
   """
   t = careful_tangent(spec, w, d, axis_name)
-  alpha = (jnp.ldexp(n0 / jnp.sqrt(1.0 + rate * rate), -t.w_scale)
+  alpha = (nx.ldexp_exact(n0 / jnp.sqrt(1.0 + rate * rate), -t.w_scale)
            * jax.lax.rsqrt(t.ww))
-  beta1 = jnp.ldexp(-rate * alpha * t.ratio, t.exponent)
+  beta1 = nx.ldexp_exact(-rate * alpha * t.ratio, t.exponent)
   w32 = nx.upcast(w).astype(alpha.dtype)
   trial = alpha * w32 + beta1 * (t.beta2 * nx.upcast(d).astype(alpha.dtype)
                                  - t.gamma * w32)
   factor, exponent, usable = _sphere_factor(spec, trial, n0, axis_name)
-  rescale = jnp.where(t.moves & usable, jnp.ldexp(factor, exponent), 1.0)
+  rescale = jnp.where(t.moves & usable, nx.ldexp_exact(factor, exponent),
+                      1.0)
   # No step (zero or parallel to the weights): keep the weights exactly, as
   # keep_norm does after a zero step in the chain of links.
   return Coefficients(alpha * rescale - 1.0, beta1 * rescale, t.beta2, t.gamma,

@@ -55,3 +55,36 @@ def test_safe_range_of_plain_sums():
   np.testing.assert_array_equal(
       np.asarray(nx.in_safe_range(values)),
       [False, False, True, True, True, False, False, False])
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(mantissa=st.floats(0.5, 1.0, exclude_max=True),
+                  power=st.integers(-125, 127), sign=st.sampled_from([-1, 1]),
+                  shifts=st.lists(st.integers(-400, 400), min_size=1,
+                                  max_size=8))
+def test_bit_level_powers_of_two_agree_with_numpy(mantissa, power, sign,
+                                                  shifts):
+  """``frexp_exponent``, ``pow2`` and ``ldexp_exact`` (written from the bits,
+  for compile time) against NumPy's float32 ``frexp`` and ``ldexp``: the same
+  exponent, the same value to the bit wherever the result is a normal float,
+  zero or infinite where it leaves the range."""
+  x = np.float32(sign * mantissa * 2.0 ** power)
+  assert int(nx.frexp_exponent(jnp.float32(x))) == np.frexp(x)[1]
+  exponents = np.array(shifts, np.int32)
+  got = np.asarray(nx.ldexp_exact(jnp.float32(x), jnp.asarray(exponents)))
+  with np.errstate(over='ignore', under='ignore'):
+    want = np.ldexp(x, exponents).astype(np.float32)
+  normal = np.abs(want) >= np.finfo(np.float32).tiny
+  np.testing.assert_array_equal(got[normal], want[normal])
+  assert np.all((got[~normal] == 0) | (np.abs(got[~normal]) < 2.0 ** -126))
+  in_range = np.arange(-126, 128)
+  np.testing.assert_array_equal(np.asarray(nx.pow2(in_range, jnp.float32)),
+                                np.exp2(in_range).astype(np.float32))
+
+
+def test_bit_level_exponent_and_scaling_keep_special_values():
+  specials = jnp.array([0.0, -0.0, np.inf, -np.inf, np.nan], jnp.float32)
+  np.testing.assert_array_equal(np.asarray(nx.frexp_exponent(specials)), 0)
+  scaled = np.asarray(nx.ldexp_exact(specials, jnp.int32(-300)))
+  np.testing.assert_array_equal(scaled[:4], [0.0, -0.0, np.inf, -np.inf])
+  assert np.isnan(scaled[4])
