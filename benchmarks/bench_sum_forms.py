@@ -6,7 +6,10 @@ switch, no state) with the three per-unit sums ``<w,w>, <d,w>, <d,d>`` written
 another way. Rows are timed device-side in interleaved rounds, as in
 ``bench_update.py``. On XLA:CPU none of the single-pass forms beat three plain
 sums; only dropping ``<w,w>`` (``known <w,w>``, which the library does not
-do: it trusts nothing about the params between steps) saves a pass.
+do: it trusts nothing about the params between steps) saves a pass. The
+``per unit`` rows sum per output unit (``per_neuron=True``); the last two form
+the sums as the library's fast branch does for units it scales and centres
+(per-unit powers of two, a centre, the exact product).
 
     python benchmarks/bench_sum_forms.py            # GPT-2-small/4 on CPU
     python benchmarks/bench_sum_forms.py --full
@@ -20,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 import _common as common
+from layca_jax import _closed_form
+from layca_jax import _numerics as nx
 
 Sums = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -62,6 +67,41 @@ def known_ww(w, d) -> Sums:
   return jnp.ones((), w.dtype), jnp.sum(d * w), jnp.sum(d * d)
 
 
+def _unit_sum(x: jax.Array) -> jax.Array:
+  """Per output unit (the last axis), as ``per_neuron=True`` sums a kernel."""
+  return jnp.sum(x, axis=tuple(range(x.ndim - 1)), keepdims=True)
+
+
+def per_unit_sums(w, d) -> Sums:
+  return _unit_sum(w * w), _unit_sum(d * w), _unit_sum(d * d)
+
+
+def _scaled(w, d):
+  """``w_hat``, ``d_hat - c w_hat`` as the library's fast branch forms them
+  when a unit is scaled and centred: per-unit powers of two and a centre,
+  here read from each unit's first entry (run-time values, as its sample's)."""
+  first = lambda x: x[(slice(0, 1),) * (x.ndim - 1)]
+  w_hat = w * nx.pow2(-nx.frexp_exponent(first(w)), w.dtype)
+  d_hat = d * nx.pow2(-nx.frexp_exponent(first(d)), d.dtype)
+  w0, d0 = first(w_hat), first(d_hat)
+  centre = jnp.where(w0 != 0, d0 / jnp.where(w0 != 0, w0, 1.0), 0.0)
+  return w_hat, _closed_form.minus_product(d_hat, centre, w_hat)
+
+
+def per_unit_scaled_centred(w, d) -> Sums:
+  w_hat, e = _scaled(w, d)
+  return _unit_sum(w_hat * w_hat), _unit_sum(e * w_hat), _unit_sum(e * e)
+
+
+def per_unit_scaled_centred_apart(w, d) -> Sums:
+  """The same sums, each formed from its own copy of the inputs (an
+  ``optimization_barrier`` per copy, so that XLA does not merge them): no
+  elementwise value is read by two reductions."""
+  copy = lambda k: jax.lax.optimization_barrier((jnp.int32(k), w, d))[1:]
+  (w1, _), (w2, e2), (_, e3) = (_scaled(*copy(k)) for k in range(3))
+  return _unit_sum(w1 * w1), _unit_sum(e2 * w2), _unit_sum(e3 * e3)
+
+
 FORMS: dict[str, Callable[[jax.Array, jax.Array], Sums]] = {
     'three jnp.sum': three_sums,
     'three jnp.dot': dots,
@@ -70,6 +110,10 @@ FORMS: dict[str, Callable[[jax.Array, jax.Array], Sums]] = {
     'two-stage (rows, then total)': row_then_total,
     'complex packing': complex_packed,
     'known <w,w> (two sums)': known_ww,
+    'per unit: three jnp.sum': per_unit_sums,
+    'per unit: scaled and centred': per_unit_scaled_centred,
+    'per unit: scaled and centred, each sum its own copy':
+        per_unit_scaled_centred_apart,
 }
 RATE = 0.1
 

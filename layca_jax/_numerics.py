@@ -122,8 +122,8 @@ def ldexp_exact(x: jax.Array, exponent: jax.Array) -> jax.Array:
   zeros kept.
 
   >>> import jax.numpy as jnp
-  >>> ldexp_exact(jnp.float32(3.0), jnp.array([-200, 4, 300]))
-  Array([1.8671217e-60, 4.8000000e+01,           inf], dtype=float32)
+  >>> ldexp_exact(jnp.float32(3.0), jnp.array([-100, 4, 300]))
+  Array([2.3665827e-30, 4.8000000e+01,           inf], dtype=float32)
   """
   info = jnp.finfo(x.dtype)
   step = min(info.maxexp - 1, -info.minexp)
