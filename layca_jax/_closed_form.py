@@ -910,8 +910,9 @@ def leaves_stay_on_chip() -> bool:
   leaf's elementwise pass waits for every leaf's sums, and XLA:TPU reads
   ``w`` and ``d`` from HBM twice) and a stateful base's direction is left to
   XLA rather than written once (:func:`layca_jax._fused.fused_layca`): HBM
-  traffic on GPT-2-small, SGD / momentum / Adam, 1.59x / 1.41x / 1.35x their
-  optax base, against 1.67x / 1.66x / 1.61x with neither. Elsewhere the
+  traffic on GPT-2-small, SGD / momentum / Adam, 1.21x / 1.41x / 1.35x their
+  optax base (at 7b6db23; at 747416e 1.59x / 1.41x / 1.35x, and 1.67x /
+  1.66x / 1.61x with neither). Elsewhere the
   tree keeps one switch (a conditional per leaf cost XLA:CPU ~40 us each;
   on XLA:GPU each switch reads its predicate on the host). Decided when
   tracing (:func:`compiling_for`); either way gives the same update to
