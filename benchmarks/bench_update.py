@@ -369,19 +369,6 @@ def branch_name(branches: list) -> str:
           else 'no switch')
 
 
-def recording_switches(branches: list):
-  """Within it, each switch of the library appends the branch it took
-  (``_closed_form.branch_taken``'s argument) to ``branches``: a conditional
-  on XLA:CPU and XLA:TPU, a loop on XLA:GPU alike."""
-  branch_taken = _closed_form.branch_taken
-
-  def spy(branch):
-    branches.append(branch_taken(branch))
-    return branches[-1]
-
-  return patched(_closed_form, branch_taken=spy)
-
-
 def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
   """What Layca meets on one update at this state, run eagerly: its units,
   dead units (a zero step, ``<d,d> = 0``), nearly parallel units
@@ -390,23 +377,24 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
 
   It reads library internals: it wraps ``layca_jax._closed_form.coefficients``
   to see each layer's weights ``w``, base direction ``d`` and spec (its
-  units: ``keepdims_shape``), and ``branch_taken`` to see the branch each
-  switch took (fast, refined or careful; a conditional on XLA:CPU and
+  units: ``keepdims_shape``), and ``recording_branches`` to see the branch
+  each switch took (fast, refined or careful; a conditional on XLA:CPU and
   XLA:TPU, a loop on XLA:GPU); when those are gone or changed it says so in
   the result instead of failing.
   """
   coefficients = getattr(_closed_form, 'coefficients', None)
-  if coefficients is None or not hasattr(_closed_form, 'branch_taken'):
+  if coefficients is None or not hasattr(_closed_form, 'recording_branches'):
     return {'census': 'unavailable: layca_jax._closed_form.coefficients or '
-                      '.branch_taken is gone'}
-  seen, switch = [], []
+                      '.recording_branches is gone'}
+  seen = []
 
   def spy(*args, **kwargs):
     seen.append(args[1:4])
     return coefficients(*args, **kwargs)
 
   taken: list[common.Branch] = []
-  with patched(_closed_form, coefficients=spy), recording_switches(switch), \
+  with patched(_closed_form, coefficients=spy), \
+      _closed_form.recording_branches() as switch, \
       common.taken_branches(taken, record=True):
     jax.block_until_ready(tx.update(grads, state, params))
   raw = [b.index for b in taken if b.site == '_closed_form.group_sums']
@@ -433,17 +421,15 @@ def jitted_branch(tx: optax.GradientTransformation, params, state,
   device ('fast', 'refined', 'careful', or 'no switch'): the compiled program's
   rounding (fused multiply-adds, reduction order) can differ from the eager
   one the census runs."""
-  if not hasattr(_closed_form, 'branch_taken'):
-    return 'unavailable: layca_jax._closed_form.branch_taken is gone'
-  branches = []
+  if not hasattr(_closed_form, 'recording_branches'):
+    return 'unavailable: layca_jax._closed_form.recording_branches is gone'
 
   def update(params, state, grads):
-    branches.clear()
-    tx.update(grads, state, params)
+    with _closed_form.recording_branches() as branches:
+      tx.update(grads, state, params)
     return list(branches)
 
-  with recording_switches(branches):
-    return branch_name(jax.jit(update)(params, state, grads))
+  return branch_name(jax.jit(update)(params, state, grads))
 
 
 def unit_sums(spec, w: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -39,14 +39,15 @@ tree to the *careful* branch (sums of values scaled by exact powers of two,
 the tangent's norm measured on the projected step, the result measured and
 put back on its sphere). Every branch returns only per-unit coefficients,
 so the elementwise pass stays outside the switch and fuses with what
-consumes it. :func:`branch_taken` sees which branch each switch took.
+consumes it. :func:`recording_branches` sees which branch each switch took.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -794,13 +795,42 @@ def use_fast(serves: Sequence[jax.Array]) -> jax.Array:
 FAST, REFINED, CAREFUL = 0, 1, 2
 
 
+# The lists :func:`recording_branches` has open, outermost first.
+_RECORDINGS: list[list[jax.Array]] = []
+
+
 def branch_taken(branch: jax.Array) -> jax.Array:
   """Where a switch went (``FAST``, ``REFINED`` or ``CAREFUL``: an int32
-  scalar), returned as is. Called once per switch as the update is traced,
-  so that tests and benchmarks can wrap it to read the branch taken, eagerly
-  or as an output of a jitted function: a signal that costs nothing.
+  scalar), returned as is. Called once per switch as the update is traced;
+  appended to each list :func:`recording_branches` has open.
   """
+  for branches in _RECORDINGS:
+    branches.append(branch)
   return branch
+
+
+@contextlib.contextmanager
+def recording_branches() -> Iterator[list[jax.Array]]:
+  """Within it, each switch appends the branch it took (:func:`branch_taken`)
+  to the list yielded, as traced: a concrete int32 eagerly, a value to
+  return from ``jax.jit`` when opened inside the jitted function. A signal
+  that costs nothing, for tests and benchmarks.
+
+  >>> import jax.numpy as jnp, layca_jax as lx
+  >>> tx = lx.layca_sgd(0.1)
+  >>> params = {'k': jnp.ones((4, 3))}
+  >>> grads = {'k': jnp.arange(12.0).reshape(4, 3)}
+  >>> with recording_branches() as branches:
+  ...   _ = tx.update(grads, tx.init(params), params)
+  >>> [int(b) for b in branches] == [FAST]
+  True
+  """
+  branches: list[jax.Array] = []
+  _RECORDINGS.append(branches)
+  try:
+    yield branches
+  finally:
+    _RECORDINGS.remove(branches)
 
 
 def _select(where: jax.Array, a: Coefficients, b: Coefficients) -> Coefficients:

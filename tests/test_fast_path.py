@@ -6,7 +6,6 @@ is the chain ``base, layca(), scale_by_learning_rate(rate), keep_norm()``.
 """
 
 import collections
-import contextlib
 import functools
 import math
 
@@ -541,24 +540,6 @@ def _sparse_tree(rng, w_scale, d_scale):
           {k: flush(d) for k, (_, d) in trees.items()})
 
 
-@contextlib.contextmanager
-def recording_branches():
-  """Within it, each switch of the library appends the branch it took
-  (``cf.FAST``, ``cf.REFINED``, ``cf.CAREFUL``) to the list yielded, as
-  traced: a concrete value eagerly, or a value to return from ``jax.jit``."""
-  branches, original = [], cf.branch_taken
-
-  def spy(branch):
-    branches.append(original(branch))
-    return branches[-1]
-
-  cf.branch_taken = spy
-  try:
-    yield branches
-  finally:
-    cf.branch_taken = original
-
-
 @functools.lru_cache(maxsize=None)
 def _update_and_branches(make):
   """``make()``'s jitted update (its rate a hyperparameter), returning the
@@ -569,7 +550,7 @@ def _update_and_branches(make):
   def update(params, grads, rate):
     state = tx.init(params)
     state.hyperparams['learning_rate'] = rate
-    with recording_branches() as branches:
+    with cf.recording_branches() as branches:
       updates, _ = tx.update(grads, state, params)
     return updates, list(branches)
 
@@ -636,7 +617,7 @@ def test_what_the_refined_branch_cannot_serve_takes_the_careful_one():
   w[:, 2] = 0.0
   params, grads = {'k': jnp.asarray(w)}, {'k': jnp.asarray(d)}
   tx = lx.layca_sgd(0.1, per_neuron=True)
-  with recording_branches() as branches:
+  with cf.recording_branches() as branches:
     updates, _ = tx.update(grads, tx.init({'k': jnp.asarray(init)}), params)
   assert [int(b) for b in branches] == [cf.CAREFUL]
   new = np.asarray(params['k'] + updates['k'], np.float64)
@@ -793,7 +774,7 @@ def test_vmapped_and_differentiated_updates(base, platform, monkeypatch):
 
   batched = jax.vmap(step)(stack(members), stack(grads))
   for i, (p, g) in enumerate(zip(members, grads)):
-    with recording_branches() as branches:
+    with cf.recording_branches() as branches:
       alone = step(p, g)
     assert int(branches[0]) == (cf.FAST, cf.REFINED, cf.FAST)[i]
     # To float32 rounding: batched sums may add in another order.
@@ -842,7 +823,7 @@ def test_a_switch_per_leaf_keeps_the_other_leaves_fast(make, monkeypatch):
     monkeypatch.setattr(cf, 'compiling_for',
                         lambda: 'tpu' if per_leaf else 'gpu')
     tx = make()
-    with recording_branches() as branches:
+    with cf.recording_branches() as branches:
       updates, _ = tx.update(grads, tx.init(params), params)
     return optax.apply_updates(params, updates), [int(b) for b in branches]
 
