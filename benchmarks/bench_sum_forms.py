@@ -7,9 +7,10 @@ another way. Rows are timed device-side in interleaved rounds, as in
 ``bench_update.py``. On XLA:CPU none of the single-pass forms beat three plain
 sums; only dropping ``<w,w>`` (``known <w,w>``, which the library does not
 do: it trusts nothing about the params between steps) saves a pass. The
-``per unit`` rows sum per output unit (``per_neuron=True``); the last two form
-the sums as the library's fast branch does for units it scales and centres
-(per-unit powers of two, a centre, the exact product).
+``per unit`` rows sum per output unit (``per_neuron=True``); the last three
+form the sums as the library's fast branch does for units it scales and
+centres (per-unit powers of two, a centre, the exact product), the last
+with the weights read as they are (what XLA:CPU is given).
 
     python benchmarks/bench_sum_forms.py            # GPT-2-small/4 on CPU
     python benchmarks/bench_sum_forms.py --full
@@ -76,16 +77,25 @@ def per_unit_sums(w, d) -> Sums:
   return _unit_sum(w * w), _unit_sum(d * w), _unit_sum(d * d)
 
 
+def _first(x: jax.Array) -> jax.Array:
+  """Each unit's first entry."""
+  return x[(slice(0, 1),) * (x.ndim - 1)]
+
+
+def _centre(w_hat, d_hat):
+  """A centre read from each unit's first entries (a run-time value, as its
+  sample's)."""
+  w0, d0 = _first(w_hat), _first(d_hat)
+  return jnp.where(w0 != 0, d0 / jnp.where(w0 != 0, w0, 1.0), 0.0)
+
+
 def _scaled(w, d):
   """``w_hat``, ``d_hat - c w_hat`` as the library's fast branch forms them
   when a unit is scaled and centred: per-unit powers of two and a centre,
-  here read from each unit's first entry (run-time values, as its sample's)."""
-  first = lambda x: x[(slice(0, 1),) * (x.ndim - 1)]
-  w_hat = w * nx.pow2(-nx.frexp_exponent(first(w)), w.dtype)
-  d_hat = d * nx.pow2(-nx.frexp_exponent(first(d)), d.dtype)
-  w0, d0 = first(w_hat), first(d_hat)
-  centre = jnp.where(w0 != 0, d0 / jnp.where(w0 != 0, w0, 1.0), 0.0)
-  return w_hat, _closed_form.minus_product(d_hat, centre, w_hat)
+  here read from each unit's first entries."""
+  w_hat = w * nx.pow2(-nx.frexp_exponent(_first(w)), w.dtype)
+  d_hat = d * nx.pow2(-nx.frexp_exponent(_first(d)), d.dtype)
+  return w_hat, _closed_form.minus_product(d_hat, _centre(w_hat, d_hat), w_hat)
 
 
 def per_unit_scaled_centred(w, d) -> Sums:
@@ -102,6 +112,17 @@ def per_unit_scaled_centred_apart(w, d) -> Sums:
   return _unit_sum(w1 * w1), _unit_sum(e2 * w2), _unit_sum(e3 * e3)
 
 
+def per_unit_weights_as_they_are(w, d) -> Sums:
+  """The same sums with the weights read as they are and only the step
+  scaled and centred (``_closed_form.raw_weights_tangent_sums``: what the
+  library reads on XLA:CPU when units need centring)."""
+  w_exp = nx.frexp_exponent(_first(w))
+  d_hat = d * nx.pow2(-nx.frexp_exponent(_first(d)), d.dtype)
+  centre = _centre(w * nx.pow2(-w_exp, w.dtype), d_hat)
+  e = _closed_form.minus_product(d_hat, centre * nx.pow2(-w_exp, w.dtype), w)
+  return _unit_sum(w * w), _unit_sum(e * w), _unit_sum(e * e)
+
+
 FORMS: dict[str, Callable[[jax.Array, jax.Array], Sums]] = {
     'three jnp.sum': three_sums,
     'three jnp.dot': dots,
@@ -114,6 +135,8 @@ FORMS: dict[str, Callable[[jax.Array, jax.Array], Sums]] = {
     'per unit: scaled and centred': per_unit_scaled_centred,
     'per unit: scaled and centred, each sum its own copy':
         per_unit_scaled_centred_apart,
+    'per unit: weights as they are, step scaled and centred':
+        per_unit_weights_as_they_are,
 }
 RATE = 0.1
 

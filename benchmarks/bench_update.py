@@ -397,9 +397,12 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
       _closed_form.recording_branches() as switch, \
       common.taken_branches(taken, record=True):
     jax.block_until_ready(tx.update(grads, state, params))
-  raw = [b.index for b in taken if b.site == '_closed_form.group_sums']
+  forms = [form.name for form in getattr(_closed_form.LAYCA_STEP, 'raw', ())]
+  read = sorted({b.index for b in taken
+                 if b.site == '_closed_form.group_sums'})
   branch = branch_name(switch)
-  form = ('raw' if all(raw) else 'scaled') if raw else 'one form'
+  form = (' and '.join((forms + ['scaled'])[i] for i in read) if read
+          else 'one form')
   try:
     sums = [unit_sums(spec, np.asarray(w, np.float64), np.asarray(d, np.float64))
             for specs, ws, ds in seen for spec, w, d in zip(specs, ws, ds)

@@ -26,7 +26,8 @@ per-unit power of two and centred on a per-unit estimate of ``c`` (both read
 from a small sample of each unit), so that zero steps, dead units, extreme
 scales and steps nearly along the weights (stale momentum) are exact there
 (on XLA:CPU, while no unit is centred or far from unit scale, each sum is
-read as one product of the inputs: :func:`shared_operands_cost_a_pass`).
+read as one product of the inputs, and while no unit's weights are, the
+weights are read as they are: :func:`shared_operands_cost_a_pass`).
 When some unit is out of reach, a single switch over the whole tree (one
 per layer leaf on TPU: :func:`leaves_stay_on_chip`; a ``lax.cond``, on GPU
 a loop of at most one trip: :func:`switch`) takes the *refined* branch: the
@@ -343,10 +344,13 @@ def raw_sums_serve(estimates: Estimates, band: tuple[int, int]) -> jax.Array:
 
 
 def raw_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
-                     axis_name) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     axis_name, estimates: Estimates | None = None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``<w,w>``, ``<d,w>``, ``<d,d>`` of the inputs as they are, each read as
   one product: no elementwise result feeds two reductions, which XLA:CPU
-  would write out and read back (:func:`shared_operands_cost_a_pass`)."""
+  would write out and read back (:func:`shared_operands_cost_a_pass`).
+  ``estimates`` are not needed."""
+  del estimates
   w32, d32 = nx.upcast(w), nx.upcast(d)
   return (nx.unit_sum(w32 * w32, spec, axis_name),
           nx.unit_sum(d32 * w32, spec, axis_name),
@@ -370,19 +374,63 @@ def scale_raw_tangent_sums(raw: Sequence[jax.Array],
                      nx.ldexp_exact(dd, -2 * d_exp), w_exp, d_exp, centre)
 
 
-class RawSums(NamedTuple):
-  """A recipe's sums read from the inputs as they are (see
-  :func:`shared_operands_cost_a_pass`): ``sums(spec, w, d, axis_name)`` per
-  leaf; ``scaled(raw, estimates)`` turns them, concatenated, into the
-  recipe's sums, which they are where ``serve(estimates, band)``."""
+def raw_weights_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
+                             axis_name, estimates: Estimates
+                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """:func:`tangent_sums` with the weights as they are: ``<w,w>``,
+  ``<e,w>`` and ``<e,e>``, ``e`` the scaled, centred step (its centre
+  taken to the weights' own scale).
 
+  The centred step feeds two sums whatever its form, but the scaled
+  weights feed three: on XLA:CPU, leaving the weights unscaled saves
+  writing out a scaled copy of every leaf (GPT-2-small/4, per unit: the
+  closed-form step 7.3x -> 5.2x an SGD step, ``bench_sum_forms.py``).
+  """
+  w_exp, d_exp, centre = estimates
+  w32 = nx.upcast(w)
+  d_hat = nx.upcast(d) * nx.pow2(-d_exp, centre.dtype)
+  e = minus_product(d_hat, centre * nx.pow2(-w_exp, centre.dtype), w32)
+  return (nx.unit_sum(w32 * w32, spec, axis_name),
+          nx.unit_sum(e * w32, spec, axis_name),
+          nx.unit_sum(e * e, spec, axis_name))
+
+
+def scale_raw_weights_tangent_sums(raw: Sequence[jax.Array],
+                                   estimates: Estimates) -> TangentSums:
+  """:func:`tangent_sums` from :func:`raw_weights_tangent_sums` where
+  :func:`weights_in_band`, the weights' sums scaled afterwards (as
+  :func:`scale_raw_tangent_sums`)."""
+  ww, ew, ee = raw
+  w_exp, d_exp, centre = estimates
+  return TangentSums(nx.ldexp_exact(ww, -2 * w_exp),
+                     nx.ldexp_exact(ew, -w_exp), ee, w_exp, d_exp, centre)
+
+
+def weights_in_band(estimates: Estimates, band: tuple[int, int]) -> jax.Array:
+  """Whether :func:`raw_weights_tangent_sums` give the units' sums: every
+  sample peak of the weights sits in ``band`` (:func:`raw_exponent_band`)."""
+  lo, hi = band
+  return jnp.all((estimates[0] >= lo) & (estimates[0] <= hi))
+
+
+class RawSums(NamedTuple):
+  """A recipe's sums read with fewer values scaled (see
+  :func:`shared_operands_cost_a_pass`): ``sums(spec, w, d, axis_name,
+  estimates)`` per leaf; ``scaled(raw, estimates)`` turns them,
+  concatenated, into the recipe's sums, which they are where
+  ``serve(estimates, band)``."""
+
+  name: str
   sums: Callable[..., tuple[jax.Array, ...]]
   scaled: Callable[..., Any]
   serve: Callable[..., jax.Array]
 
 
-RAW_TANGENT_SUMS = RawSums(raw_tangent_sums, scale_raw_tangent_sums,
-                           raw_sums_serve)
+# XLA:CPU reads the first that serves (else the recipe's own sums).
+RAW_TANGENT_SUMS = (
+    RawSums('raw', raw_tangent_sums, scale_raw_tangent_sums, raw_sums_serve),
+    RawSums('raw weights', raw_weights_tangent_sums,
+            scale_raw_weights_tangent_sums, weights_in_band))
 
 
 def _in_scaled_range(sum_of_squares: jax.Array) -> jax.Array:
@@ -704,7 +752,7 @@ class Recipe(NamedTuple):
   units whose initial norm ``n0`` is zero. ``estimates(specs, ws, ds,
   axis_name)``, when given, is taken once for the leaves of a group that
   share ``axis_name`` and passed on to each leaf's ``sums``; ``raw``, when
-  given, is the same sums read from the inputs as they are. ``refine(spec,
+  given, are the same sums read with fewer values scaled. ``refine(spec,
   w, d, axis_name, sums)``, when given, gives one leaf's sums of a second
   pass from its first ``sums``; it is tried on the leaves where the first
   did not serve every unit, before the careful branch.
@@ -716,7 +764,7 @@ class Recipe(NamedTuple):
   careful: Callable[..., Coefficients]
   free: Callable[..., Coefficients]
   estimates: Callable[..., Estimates] | None = None
-  raw: RawSums | None = None
+  raw: Sequence[RawSums] = ()
   refine: Callable[..., Any] | None = None
 
 
@@ -738,9 +786,9 @@ def group_sums(recipe: Recipe, layout: UnitLayout,
   """``recipe.sums`` of the leaves, laid end to end (``layout``), with the
   estimates taken once per mesh axis.
 
-  Where :func:`shared_operands_cost_a_pass`, the leaves take
-  ``recipe.raw`` instead (the same values, fewer passes there) behind one
-  ``lax.cond`` when it serves every one of their units.
+  Where :func:`shared_operands_cost_a_pass`, the leaves take the first of
+  ``recipe.raw`` that serves every one of their units (the same values,
+  fewer passes there), behind one ``lax.switch``.
   """
   def each_leaf(form, *extra):
     return [form(spec, w, d, axis_name, *more) for spec, w, d, axis_name, *more
@@ -766,18 +814,22 @@ def group_sums(recipe: Recipe, layout: UnitLayout,
 
   # Split here, inside the branch that uses them: outside, XLA:CPU would
   # write out each leaf's estimates before the conditional.
-  scaled = lambda: layout.concat_fields(each_leaf(
-      recipe.sums, list(zip(*map(layout.split, estimates)))))
-  if recipe.raw is None or not shared_operands_cost_a_pass():
+  leaf_estimates = lambda: list(zip(*map(layout.split, estimates)))
+  scaled = lambda: layout.concat_fields(each_leaf(recipe.sums,
+                                                  leaf_estimates()))
+  if not recipe.raw or not shared_operands_cost_a_pass():
     return scaled()
 
-  def raw():
-    sums = map(layout.concat, zip(*each_leaf(recipe.raw.sums)))
-    return recipe.raw.scaled(tuple(sums), estimates)
+  band = raw_exponent_band(specs, nx.accumulation_dtype(w_leaves[0].dtype))
 
-  dtype = nx.accumulation_dtype(w_leaves[0].dtype)
-  serves = recipe.raw.serve(estimates, raw_exponent_band(specs, dtype))
-  return jax.lax.cond(serves, raw, scaled)
+  def read(form):
+    sums = map(layout.concat, zip(*each_leaf(form.sums, leaf_estimates())))
+    return form.scaled(tuple(sums), estimates)
+
+  serves = [form.serve(estimates, band) for form in recipe.raw]
+  return jax.lax.switch(jnp.argmax(jnp.stack(serves + [jnp.bool_(True)])),
+                        [functools.partial(read, form) for form in recipe.raw]
+                        + [scaled])
 
 
 def fast_serves(recipe: Recipe, sums: NamedTuple, n0: jax.Array) -> jax.Array:
@@ -858,9 +910,12 @@ def shared_operands_cost_a_pass() -> bool:
   scaled weights and centred step are written out and read back
   (GPT-2-small/4: ``lx.layca_sgd`` ~4.4x ``optax.sgd``). Where the sample
   allows it, :func:`raw_tangent_sums` reads each sum from the inputs as
-  they are, behind one ``lax.cond`` for the tree (:func:`group_sums`; a
-  conditional per leaf cost XLA:CPU ~0.6x ``optax.sgd``, one for the tree
-  nothing measurable).
+  they are; where only the weights' peaks are in band,
+  :func:`raw_weights_tangent_sums` reads the weights as they are and only
+  the step scaled and centred (the centred step is all it writes out). One
+  ``lax.switch`` for the tree picks the form
+  (:func:`group_sums`; a conditional per leaf cost XLA:CPU ~0.6x
+  ``optax.sgd``, one for the tree nothing measurable).
   XLA:GPU and XLA:TPU fuse sibling reductions with what they share: one
   form, no conditional. Numbers: benchmarks/README.md.
   """

@@ -606,6 +606,38 @@ def test_units_the_sample_misses_take_the_refined_branch(seed, w_exp, d_exp,
                                  err_msg=f'{name}:{j}')
 
 
+@pytest.mark.parametrize('platform', ['cpu', 'gpu', 'tpu'])
+def test_sparse_units_with_weights_far_from_unit_scale(platform, monkeypatch):
+  """Sparse units (as above) and ordinary ones whose weights sit at 2^-60,
+  below the band where XLA:CPU's layout reads weights as they are (it
+  scales them there): the refined branch serves the tree on every layout,
+  and every unit follows Algorithm 1."""
+  monkeypatch.setattr(cf, 'compiling_for', lambda: platform)
+  w_leaves, d_leaves = _sparse_tree(np.random.default_rng(3), 2.0 ** -60, 1.0)
+  params = {k: jnp.asarray(v) for k, v in w_leaves.items()}
+  grads = {k: jnp.asarray(v) for k, v in d_leaves.items()}
+  tx = lx.layca_sgd(0.1, per_neuron=True)
+
+  @jax.jit
+  def update(params, grads):
+    with cf.recording_branches() as branches:
+      updates, _ = tx.update(grads, tx.init(params), params)
+    return updates, list(branches)
+
+  updates, branches = update(params, grads)
+  # One switch for the tree; one per leaf on TPU ('ordinary' first).
+  assert [int(b) for b in branches] == (
+      [cf.FAST, cf.REFINED] if platform == 'tpu' else [cf.REFINED])
+  for name, w in w_leaves.items():
+    new = np.asarray(params[name] + updates[name], np.float64)
+    w64, d64 = w.astype(np.float64), d_leaves[name].astype(np.float64)
+    for j in range(w.shape[1]):
+      n0 = np.linalg.norm(w64[:, j])
+      want = reference.layca_step(w64[:, j], d64[:, j], n0, 0.1)
+      np.testing.assert_allclose(new[:, j], want, rtol=0, atol=2e-5 * n0,
+                                 err_msg=f'{name}:{j}')
+
+
 def test_what_the_refined_branch_cannot_serve_takes_the_careful_one():
   """A unit whose weights became zero (pruned after init) is out of reach of
   both fast passes: the careful branch serves the tree, the unit keeps its
@@ -715,11 +747,50 @@ def test_raw_sums_do_not_serve_far_from_unit_scale_or_a_centred_unit(
     assert np.any(estimates[-1] != 0)
 
 
+def _raw_weights_form(spec, w, d, axis_name, estimates):
+  """What XLA:CPU is given for units to centre: the sums with the weights
+  as they are, scaled afterwards."""
+  raw = cf.raw_weights_tangent_sums(spec, w, d, axis_name, estimates)
+  return cf.scale_raw_weights_tangent_sums(raw, estimates)
+
+
+@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2 ** 16),
+                  w_exp=st.integers(-30, 30), d_exp=st.integers(-120, 120),
+                  per_neuron=st.booleans(), parallel=st.booleans())
+def test_raw_weights_sums_are_the_scaled_sums_for_weights_in_band(
+    seed, w_exp, d_exp, per_neuron, parallel):
+  """With the weights' sample peaks in band, the sums read with the
+  weights as they are (the step scaled and centred) are those of the
+  scaled form to float32 rounding, at any scale of the step, with units to
+  centre (a step along the weights to 1e-4) and zero steps."""
+  spec, w, d, estimates = _raw_sums_case(seed, w_exp, d_exp, per_neuron,
+                                         parallel)
+  assert cf.weights_in_band(estimates, cf.raw_exponent_band([spec],
+                                                            jnp.float32))
+  if parallel:
+    assert np.any(estimates[-1] != 0)
+  both = [jax.jit(form, static_argnums=(0, 3))(spec, w, d, None, estimates)
+          for form in (cf.tangent_sums, _raw_weights_form)]
+  (ww, ew, ee), (ww2, ew2, ee2) = (sums[:3] for sums in both)
+  np.testing.assert_allclose(ww2, ww, rtol=1e-6, atol=0)
+  np.testing.assert_allclose(ee2, ee, rtol=1e-6, atol=0)
+  assert np.all(np.abs(ew2 - ew) <= 1e-6 * np.sqrt(ww * ee))
+
+
+@pytest.mark.parametrize('w_exp', [-60, 70])
+def test_raw_weights_sums_do_not_serve_weights_far_from_unit_scale(w_exp):
+  spec, _, _, estimates = _raw_sums_case(0, w_exp, 0, True, True)
+  band = cf.raw_exponent_band([spec], jnp.float32)
+  assert not cf.weights_in_band(estimates, band)
+
+
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU layout')
 def test_on_xla_cpu_each_raw_sum_reads_the_inputs():
-  """The reason for the raw form: XLA:CPU writes out the scaled weights and
+  """The reason for the raw forms: XLA:CPU writes out the scaled weights and
   the centred step that the scaled form's sums share (arrays the size of the
-  leaf), and nothing of that size in the raw form."""
+  leaf), nothing of that size in the raw form, and only the centred step
+  where the weights are read as they are."""
   spec = LayerSpec('k', (256, 128), 0, False)
   w = jnp.ones(spec.shape)
   d = jnp.full(spec.shape, 0.5)
@@ -734,8 +805,12 @@ def test_on_xla_cpu_each_raw_sum_reads_the_inputs():
                if ' fusion(' in line and '[256,128]' in line.split('=')[1]
                .split('fusion(')[0])
 
-  assert leaf_sized_results(cf.tangent_sums) >= 1
+  scaled = leaf_sized_results(cf.tangent_sums)
+  assert scaled >= 2
   assert leaf_sized_results(_raw_form) == 0
+  # Units to centre: only the centred step, which two sums share, is
+  # written out when the weights are read as they are.
+  assert leaf_sized_results(_raw_weights_form) == 1 < scaled
 
 
 @pytest.mark.parametrize('base,platform', [('adam', 'cpu'),
