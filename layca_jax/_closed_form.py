@@ -26,8 +26,8 @@ per-unit power of two and centred on a per-unit estimate of ``c`` (both read
 from a small sample of each unit), so that zero steps, dead units, extreme
 scales and steps nearly along the weights (stale momentum) are exact there
 (on XLA:CPU, while no unit is centred or far from unit scale, each sum is
-read as one product of the inputs, and while no unit's weights are, the
-weights are read as they are: :func:`shared_operands_cost_a_pass`).
+read as one product of the inputs, and while no unit's weights are huge,
+the weights are read as they are: :func:`shared_operands_cost_a_pass`).
 When some unit is out of reach, a single switch over the whole tree (one
 per layer leaf on TPU: :func:`leaves_stay_on_chip`; a ``lax.cond``, on GPU
 a loop of at most one trip: :func:`switch`) takes the *refined* branch: the
@@ -300,21 +300,24 @@ def refined_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
   each unit's exponents come from its largest entries (exact), and its
   centre from the first pass's sums (their tangent removed:
   ``centre + ew / ww``) where those are finite, else from plain sums of the
-  inputs where those are finite, else 0. ``first``: this leaf's
+  values scaled by those exponents where those are finite, else 0. ``first``: this leaf's
   :func:`tangent_sums`.
   """
   w_exp = _peak_exponent(nx.unit_max_abs(nx.upcast(w), spec, axis_name))
   d_exp = _peak_exponent(nx.unit_max_abs(nx.upcast(d), spec, axis_name))
-  ww, dw, _ = raw_tangent_sums(spec, w, d, axis_name)
   # c_hat = c * 2^(w_exp - d_exp) in the units of the scaled values.
   usable = jnp.isfinite(first.ww) & (first.ww > 0) & jnp.isfinite(first.ew)
   from_first = nx.ldexp_exact(
       first.centre + first.ew / jnp.where(usable, first.ww, 1.0),
       (w_exp - first.w_exp) - (d_exp - first.d_exp))
-  # An estimate only (the check on the new sums judges it): plain sums out
-  # of the safe range still centre a unit whose first sums overflowed.
+  # Plain sums of the values scaled by their largest entries (in range
+  # whatever their scale) centre a unit whose first sums did not serve.
+  w_hat = nx.upcast(w) * nx.pow2(-w_exp, first.ww.dtype)
+  d_hat = nx.upcast(d) * nx.pow2(-d_exp, first.ww.dtype)
+  ww = nx.unit_sum(w_hat * w_hat, spec, axis_name)
+  dw = nx.unit_sum(d_hat * w_hat, spec, axis_name)
   plain = (ww > 0) & jnp.isfinite(ww) & jnp.isfinite(dw)
-  from_plain = nx.ldexp_exact(dw / jnp.where(plain, ww, 1.0), w_exp - d_exp)
+  from_plain = dw / jnp.where(plain, ww, 1.0)
   centre = jnp.where(usable, from_first, jnp.where(plain, from_plain, 0.0))
   centre = jnp.where(jnp.isfinite(centre), centre, 0.0)
   return tangent_sums(spec, w, d, axis_name, (w_exp, d_exp, centre))
@@ -357,16 +360,18 @@ def raw_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
           nx.unit_sum(d32 * d32, spec, axis_name))
 
 
-def scale_raw_tangent_sums(raw: Sequence[jax.Array],
-                           estimates: Estimates) -> TangentSums:
+def scale_raw_tangent_sums(raw: Sequence[jax.Array], estimates: Estimates,
+                           band: tuple[int, int] | None = None) -> TangentSums:
   """:func:`tangent_sums` from :func:`raw_tangent_sums` where
   :func:`raw_sums_serve`, scaled afterwards by the estimates' powers of two.
 
   Scaling by a power of two commutes with rounding between the normal
   bounds, so these are the sums of the scaled values but for terms far below
   their rounding. A unit whose peak the sample missed by far enough to
-  overflow gets non-finite sums, and the refined branch.
+  overflow gets non-finite sums, and the refined branch. ``band`` is not
+  needed (:func:`raw_sums_serve` checked it).
   """
+  del band
   ww, dw, dd = raw
   w_exp, d_exp, centre = estimates
   return TangentSums(nx.ldexp_exact(ww, -2 * w_exp),
@@ -396,29 +401,39 @@ def raw_weights_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
 
 
 def scale_raw_weights_tangent_sums(raw: Sequence[jax.Array],
-                                   estimates: Estimates) -> TangentSums:
-  """:func:`tangent_sums` from :func:`raw_weights_tangent_sums` where
-  :func:`weights_in_band`, the weights' sums scaled afterwards (as
-  :func:`scale_raw_tangent_sums`)."""
+                                   estimates: Estimates,
+                                   band: tuple[int, int]) -> TangentSums:
+  """:func:`tangent_sums` from :func:`raw_weights_tangent_sums`, the
+  weights' sums scaled afterwards (as :func:`scale_raw_tangent_sums`).
+
+  They are the scaled sums for units whose weights' sample peak sits in
+  ``band`` (:func:`raw_exponent_band`). Below it (a sparse unit whose
+  sample saw only its decayed entries, or weights near zero) plain
+  products of the weights may lose terms: there ``ew`` is NaN, so the unit
+  is not served (the refined branch sums it again), while a free unit's
+  rule, which reads only ``ww`` and ``ee``, still holds.
+  """
   ww, ew, ee = raw
   w_exp, d_exp, centre = estimates
-  return TangentSums(nx.ldexp_exact(ww, -2 * w_exp),
-                     nx.ldexp_exact(ew, -w_exp), ee, w_exp, d_exp, centre)
+  ew = jnp.where(w_exp >= band[0], nx.ldexp_exact(ew, -w_exp), jnp.nan)
+  return TangentSums(nx.ldexp_exact(ww, -2 * w_exp), ew, ee, w_exp, d_exp,
+                     centre)
 
 
-def weights_in_band(estimates: Estimates, band: tuple[int, int]) -> jax.Array:
-  """Whether :func:`raw_weights_tangent_sums` give the units' sums: every
-  sample peak of the weights sits in ``band`` (:func:`raw_exponent_band`)."""
-  lo, hi = band
-  return jnp.all((estimates[0] >= lo) & (estimates[0] <= hi))
+def no_weights_above_band(estimates: Estimates,
+                          band: tuple[int, int]) -> jax.Array:
+  """Whether :func:`raw_weights_tangent_sums` serve the tree: no sample
+  peak of the weights is above ``band`` (where their squares could
+  overflow)."""
+  return jnp.all(estimates[0] <= band[1])
 
 
 class RawSums(NamedTuple):
   """A recipe's sums read with fewer values scaled (see
   :func:`shared_operands_cost_a_pass`): ``sums(spec, w, d, axis_name,
-  estimates)`` per leaf; ``scaled(raw, estimates)`` turns them,
-  concatenated, into the recipe's sums, which they are where
-  ``serve(estimates, band)``."""
+  estimates)`` per leaf; ``scaled(raw, estimates, band)`` turns them,
+  concatenated, into the recipe's sums (or marks a unit not served), which
+  they are where ``serve(estimates, band)``."""
 
   name: str
   sums: Callable[..., tuple[jax.Array, ...]]
@@ -430,7 +445,7 @@ class RawSums(NamedTuple):
 RAW_TANGENT_SUMS = (
     RawSums('raw', raw_tangent_sums, scale_raw_tangent_sums, raw_sums_serve),
     RawSums('raw weights', raw_weights_tangent_sums,
-            scale_raw_weights_tangent_sums, weights_in_band))
+            scale_raw_weights_tangent_sums, no_weights_above_band))
 
 
 def _in_scaled_range(sum_of_squares: jax.Array) -> jax.Array:
@@ -824,7 +839,7 @@ def group_sums(recipe: Recipe, layout: UnitLayout,
 
   def read(form):
     sums = map(layout.concat, zip(*each_leaf(form.sums, leaf_estimates())))
-    return form.scaled(tuple(sums), estimates)
+    return form.scaled(tuple(sums), estimates, band)
 
   serves = [form.serve(estimates, band) for form in recipe.raw]
   return jax.lax.switch(jnp.argmax(jnp.stack(serves + [jnp.bool_(True)])),
@@ -910,9 +925,10 @@ def shared_operands_cost_a_pass() -> bool:
   scaled weights and centred step are written out and read back
   (GPT-2-small/4: ``lx.layca_sgd`` ~4.4x ``optax.sgd``). Where the sample
   allows it, :func:`raw_tangent_sums` reads each sum from the inputs as
-  they are; where only the weights' peaks are in band,
+  they are; elsewhere, while no weights are huge,
   :func:`raw_weights_tangent_sums` reads the weights as they are and only
-  the step scaled and centred (the centred step is all it writes out). One
+  the step scaled and centred (the centred step is all it writes out;
+  units whose weights' sample peak is tiny take the refined branch). One
   ``lax.switch`` for the tree picks the form
   (:func:`group_sums`; a conditional per leaf cost XLA:CPU ~0.6x
   ``optax.sgd``, one for the tree nothing measurable).
