@@ -26,8 +26,8 @@ per-unit power of two and centred on a per-unit estimate of ``c`` (both read
 from a small sample of each unit), so that zero steps, dead units, extreme
 scales and steps nearly along the weights (stale momentum) are exact there
 (on XLA:CPU, while no unit is centred or far from unit scale, each sum is
-read as one product of the inputs, and while no unit's weights are huge,
-the weights are read as they are: :func:`shared_operands_cost_a_pass`).
+read as one product of the inputs, and otherwise the weights are read as
+they are: :func:`shared_operands_cost_a_pass`).
 When some unit is out of reach, a single switch over the whole tree (one
 per layer leaf on TPU: :func:`leaves_stay_on_chip`; a ``lax.cond``, on GPU
 a loop of at most one trip: :func:`switch`) takes the *refined* branch: the
@@ -407,45 +407,40 @@ def scale_raw_weights_tangent_sums(raw: Sequence[jax.Array],
   weights' sums scaled afterwards (as :func:`scale_raw_tangent_sums`).
 
   They are the scaled sums for units whose weights' sample peak sits in
-  ``band`` (:func:`raw_exponent_band`). Below it (a sparse unit whose
-  sample saw only its decayed entries, or weights near zero) plain
-  products of the weights may lose terms: there ``ew`` is NaN, so the unit
-  is not served (the refined branch sums it again), while a free unit's
-  rule, which reads only ``ww`` and ``ee``, still holds.
+  ``band`` (:func:`raw_exponent_band`). Elsewhere (a sparse unit whose
+  sample saw only its decayed entries, weights near zero or huge) plain
+  products of the weights may lose terms or overflow: there ``ew`` is NaN,
+  so the unit is not served (the refined branch sums it again), while a
+  free unit's rule, which reads only ``ww`` and ``ee``, still holds.
   """
   ww, ew, ee = raw
   w_exp, d_exp, centre = estimates
-  ew = jnp.where(w_exp >= band[0], nx.ldexp_exact(ew, -w_exp), jnp.nan)
+  lo, hi = band
+  ew = jnp.where((w_exp >= lo) & (w_exp <= hi), nx.ldexp_exact(ew, -w_exp),
+                 jnp.nan)
   return TangentSums(nx.ldexp_exact(ww, -2 * w_exp), ew, ee, w_exp, d_exp,
                      centre)
-
-
-def no_weights_above_band(estimates: Estimates,
-                          band: tuple[int, int]) -> jax.Array:
-  """Whether :func:`raw_weights_tangent_sums` serve the tree: no sample
-  peak of the weights is above ``band`` (where their squares could
-  overflow)."""
-  return jnp.all(estimates[0] <= band[1])
 
 
 class RawSums(NamedTuple):
   """A recipe's sums read with fewer values scaled (see
   :func:`shared_operands_cost_a_pass`): ``sums(spec, w, d, axis_name,
   estimates)`` per leaf; ``scaled(raw, estimates, band)`` turns them,
-  concatenated, into the recipe's sums (or marks a unit not served), which
-  they are where ``serve(estimates, band)``."""
+  concatenated, into the recipe's sums, which they are for every unit
+  where ``serve(estimates, band)``; with ``serve`` None, for the units
+  ``scaled`` does not mark as not served."""
 
   name: str
   sums: Callable[..., tuple[jax.Array, ...]]
   scaled: Callable[..., Any]
-  serve: Callable[..., jax.Array]
+  serve: Callable[..., jax.Array] | None
 
 
-# XLA:CPU reads the first that serves (else the recipe's own sums).
+# XLA:CPU reads the first that serves, else the last.
 RAW_TANGENT_SUMS = (
     RawSums('raw', raw_tangent_sums, scale_raw_tangent_sums, raw_sums_serve),
     RawSums('raw weights', raw_weights_tangent_sums,
-            scale_raw_weights_tangent_sums, no_weights_above_band))
+            scale_raw_weights_tangent_sums, None))
 
 
 def _in_scaled_range(sum_of_squares: jax.Array) -> jax.Array:
@@ -577,13 +572,11 @@ def _sphere_factor(spec: LayerSpec, x: jax.Array, n0: jax.Array, axis_name):
   return n0 * jax.lax.rsqrt(jnp.where(usable, xx, 1.0)), -ex, usable
 
 
-def _tangent_sums_finite(sums: TangentSums) -> jax.Array:
-  return jnp.isfinite(sums.ww) & jnp.isfinite(sums.ee)
-
-
 def _tangent_free(sums: TangentSums, rate: jax.Array) -> Coefficients:
-  """A free unit: ``rate * d``, zero (and skipped) where not finite."""
-  finite = _tangent_sums_finite(sums)
+  """A free unit: ``rate * d``, zero (and skipped) where ``d`` is not finite
+  (or ``w`` is NaN). ``ww`` may overflow where read from huge weights as
+  they are (:func:`raw_weights_tangent_sums`): the norm is then Inf."""
+  finite = jnp.isfinite(sums.ee) & ~jnp.isnan(sums.ww)
   w_norm = (jnp.sqrt(jnp.where(finite, sums.ww, jnp.nan))
             * nx.pow2(sums.w_exp, sums.ww.dtype))
   return pass_through(rate, finite, w_norm)
@@ -802,8 +795,8 @@ def group_sums(recipe: Recipe, layout: UnitLayout,
   estimates taken once per mesh axis.
 
   Where :func:`shared_operands_cost_a_pass`, the leaves take the first of
-  ``recipe.raw`` that serves every one of their units (the same values,
-  fewer passes there), behind one ``lax.switch``.
+  ``recipe.raw`` that serves every one of their units, else its last (the
+  same values, fewer passes there), behind one ``lax.switch``.
   """
   def each_leaf(form, *extra):
     return [form(spec, w, d, axis_name, *more) for spec, w, d, axis_name, *more
@@ -841,10 +834,9 @@ def group_sums(recipe: Recipe, layout: UnitLayout,
     sums = map(layout.concat, zip(*each_leaf(form.sums, leaf_estimates())))
     return form.scaled(tuple(sums), estimates, band)
 
-  serves = [form.serve(estimates, band) for form in recipe.raw]
+  serves = [form.serve(estimates, band) for form in recipe.raw[:-1]]
   return jax.lax.switch(jnp.argmax(jnp.stack(serves + [jnp.bool_(True)])),
-                        [functools.partial(read, form) for form in recipe.raw]
-                        + [scaled])
+                        [functools.partial(read, form) for form in recipe.raw])
 
 
 def fast_serves(recipe: Recipe, sums: NamedTuple, n0: jax.Array) -> jax.Array:
@@ -925,11 +917,11 @@ def shared_operands_cost_a_pass() -> bool:
   scaled weights and centred step are written out and read back
   (GPT-2-small/4: ``lx.layca_sgd`` ~4.4x ``optax.sgd``). Where the sample
   allows it, :func:`raw_tangent_sums` reads each sum from the inputs as
-  they are; elsewhere, while no weights are huge,
-  :func:`raw_weights_tangent_sums` reads the weights as they are and only
-  the step scaled and centred (the centred step is all it writes out;
-  units whose weights' sample peak is tiny take the refined branch). One
-  ``lax.switch`` for the tree picks the form
+  they are; elsewhere :func:`raw_weights_tangent_sums` reads the weights
+  as they are and only the step scaled and centred (the centred step is
+  all it writes out; units whose weights' sample peak is far from unit
+  scale take the refined branch). One ``lax.switch`` for the tree picks
+  the form
   (:func:`group_sums`; a conditional per leaf cost XLA:CPU ~0.6x
   ``optax.sgd``, one for the tree nothing measurable).
   XLA:GPU and XLA:TPU fuse sibling reductions with what they share: one

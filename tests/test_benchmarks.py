@@ -168,11 +168,8 @@ def test_census_counts_dead_and_parallel_units(benchmarks, platform,
   assert census['dead'] == 1 and census['parallel'] == 2
   assert census['branch'] == 'fast'
   # Two units to centre: XLA:CPU's layout reads the weights as they are,
-  # and scales and centres the steps; huge weights: it scales them too.
+  # and scales and centres the steps.
   assert census['sums'] == ('raw weights' if platform == 'cpu' else 'one form')
-  huge = jax.tree.map(lambda x: x * 2.0 ** 80, params)
-  census = bench_update.census(tx, huge, tx.init(huge), grads)
-  assert census['sums'] == ('scaled' if platform == 'cpu' else 'one form')
   # One entry 2^70 outside its unit's sample: the refined branch; weights
   # pruned to zero after init: the careful one.
   w = {'kernel': jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)}

@@ -777,20 +777,46 @@ def test_raw_weights_sums_are_the_scaled_sums_for_weights_in_band(
   assert np.all(np.abs(ew2 - ew) <= 1e-6 * np.sqrt(ww * ee))
 
 
-def test_raw_weights_sums_serve_no_huge_weights_nor_units_of_tiny_ones():
-  """Weights above the band (their squares could overflow): the form does
-  not serve the tree; below it: the units are not served (``ew`` NaN: the
-  refined branch) while the sums a free unit's rule reads stay finite."""
-  band = cf.raw_exponent_band([LayerSpec('k', (2, 24, 10), 1, True)],
-                              jnp.float32)
-  spec, _, _, estimates = _raw_sums_case(0, 70, 0, True, True)
-  assert not cf.no_weights_above_band(estimates, band)
-  spec, w, d, estimates = _raw_sums_case(0, -60, 0, True, True)
-  assert cf.no_weights_above_band(estimates, band)
+@pytest.mark.parametrize('w_exp', [-60, 70])
+def test_raw_weights_sums_do_not_serve_weights_far_from_unit_scale(w_exp):
+  """Weights out of band: their units are not served (``ew`` NaN: the
+  refined branch), and a free unit's rule still holds: ``ee`` is finite,
+  ``ww`` not NaN (Inf where huge weights' squares overflow)."""
+  spec, w, d, estimates = _raw_sums_case(0, w_exp, 0, True, True)
   sums = _raw_weights_form(spec, w, d, None, estimates)
   assert np.all(np.isnan(sums.ew))
   assert not np.any(cf.tangent_is_exact(sums))
-  assert np.all(np.isfinite(sums.ww)) and np.all(np.isfinite(sums.ee))
+  assert np.all(np.isfinite(sums.ee)) and not np.any(np.isnan(sums.ww))
+  free = cf._tangent_free(sums, jnp.float32(-0.1))
+  assert np.all(free.finite) and np.all(free.moves)
+
+
+@pytest.mark.parametrize('platform', ['cpu', 'gpu', 'tpu'])
+@pytest.mark.parametrize('scale', [2.0 ** -70, 2.0 ** 70])
+def test_free_units_far_from_unit_scale_step_by_their_direction(
+    platform, scale, monkeypatch):
+  """Free units (zero at init) whose weights grew huge or stayed tiny step
+  by ``-rate * d`` on every layout (on XLA:CPU their ``<w,w>`` read as they
+  are may overflow or underflow), beside units that rotate."""
+  monkeypatch.setattr(cf, 'compiling_for', lambda: platform)
+  rng = np.random.default_rng(4)
+  init = rng.normal(size=(16, 4)).astype(np.float32)
+  init[:, :2] = 0.0
+  w = rng.normal(size=(16, 4)).astype(np.float32)
+  w[:, :2] *= scale
+  g = rng.normal(size=(16, 4)).astype(np.float32)
+  tx = lx.layca_sgd(0.1, per_neuron=True)
+  updates, _ = jax.jit(tx.update)({'k': jnp.asarray(g)},
+                                  tx.init({'k': jnp.asarray(init)}),
+                                  {'k': jnp.asarray(w)})
+  updates = np.asarray(updates['k'])
+  np.testing.assert_allclose(updates[:, :2], -0.1 * g[:, :2], rtol=1e-6)
+  for j in (2, 3):
+    n0 = np.linalg.norm(init[:, j].astype(np.float64))
+    want = reference.layca_step(w[:, j].astype(np.float64),
+                                g[:, j].astype(np.float64), n0, 0.1)
+    np.testing.assert_allclose(w[:, j] + updates[:, j], want, rtol=0,
+                               atol=2e-6 * n0)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU layout')
