@@ -300,8 +300,8 @@ def refined_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
   each unit's exponents come from its largest entries (exact), and its
   centre from the first pass's sums (their tangent removed:
   ``centre + ew / ww``) where those are finite, else from plain sums of the
-  values scaled by those exponents where those are finite, else 0. ``first``: this leaf's
-  :func:`tangent_sums`.
+  values scaled by those exponents where those are finite, else 0.
+  ``first``: this leaf's :func:`tangent_sums`.
   """
   w_exp = _peak_exponent(nx.unit_max_abs(nx.upcast(w), spec, axis_name))
   d_exp = _peak_exponent(nx.unit_max_abs(nx.upcast(d), spec, axis_name))
@@ -389,7 +389,7 @@ def raw_weights_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
   The centred step feeds two sums whatever its form, but the scaled
   weights feed three: on XLA:CPU, leaving the weights unscaled saves
   writing out a scaled copy of every leaf (GPT-2-small/4, per unit: the
-  closed-form step 7.3x -> 5.2x an SGD step, ``bench_sum_forms.py``).
+  closed-form step 7.3x -> 5.6x an SGD step, ``bench_sum_forms.py``).
   """
   w_exp, d_exp, centre = estimates
   w32 = nx.upcast(w)
@@ -921,8 +921,7 @@ def shared_operands_cost_a_pass() -> bool:
   as they are and only the step scaled and centred (the centred step is
   all it writes out; units whose weights' sample peak is far from unit
   scale take the refined branch). One ``lax.switch`` for the tree picks
-  the form
-  (:func:`group_sums`; a conditional per leaf cost XLA:CPU ~0.6x
+  the form (:func:`group_sums`; a conditional per leaf cost XLA:CPU ~0.6x
   ``optax.sgd``, one for the tree nothing measurable).
   XLA:GPU and XLA:TPU fuse sibling reductions with what they share: one
   form, no conditional. Numbers: benchmarks/README.md.
