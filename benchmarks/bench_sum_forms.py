@@ -116,10 +116,10 @@ def per_unit_weights_as_they_are(w, d) -> Sums:
   """The same sums with the weights read as they are and only the step
   scaled and centred (``_closed_form.raw_weights_tangent_sums``: what the
   library reads on XLA:CPU when units need centring)."""
-  w_exp = nx.frexp_exponent(_first(w))
+  w_unscale = nx.pow2(-nx.frexp_exponent(_first(w)), w.dtype)
   d_hat = d * nx.pow2(-nx.frexp_exponent(_first(d)), d.dtype)
-  centre = _centre(w * nx.pow2(-w_exp, w.dtype), d_hat)
-  e = _closed_form.minus_product(d_hat, centre * nx.pow2(-w_exp, w.dtype), w)
+  centre = _centre(w * w_unscale, d_hat)
+  e = _closed_form.minus_product(d_hat, centre * w_unscale, w)
   return _unit_sum(w * w), _unit_sum(e * w), _unit_sum(e * e)
 
 

@@ -373,7 +373,7 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
   """What Layca meets on one update at this state, run eagerly: its units,
   dead units (a zero step, ``<d,d> = 0``), nearly parallel units
   (``cos(d, w)^2 > 7/8``), and the branch its whole-tree switch took (and,
-  on XLA:CPU, whether its sums were read raw or scaled and centred).
+  on XLA:CPU, which form its sums were read in: raw or raw weights).
 
   It reads library internals: it wraps ``layca_jax._closed_form.coefficients``
   to see each layer's weights ``w``, base direction ``d`` and spec (its
@@ -401,8 +401,7 @@ def census(tx: optax.GradientTransformation, params, state, grads) -> dict:
   read = sorted({b.index for b in taken
                  if b.site == '_closed_form.group_sums'})
   branch = branch_name(switch)
-  form = (' and '.join((forms + ['scaled'])[i] for i in read) if read
-          else 'one form')
+  form = ' and '.join(forms[i] for i in read) if read else 'one form'
   try:
     sums = [unit_sums(spec, np.asarray(w, np.float64), np.asarray(d, np.float64))
             for specs, ws, ds in seen for spec, w, d in zip(specs, ws, ds)

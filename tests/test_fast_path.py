@@ -712,6 +712,18 @@ def _raw_form(spec, w, d, axis_name, estimates):
   return cf.scale_raw_tangent_sums(raw, estimates)
 
 
+def _assert_scaled_sums(form, spec, w, d, estimates):
+  """``form(spec, w, d, None, estimates)`` gives the sums of the scaled,
+  centred form (:func:`cf.tangent_sums`) to float32 rounding."""
+  both = [jax.jit(f, static_argnums=(0, 3))(spec, w, d, None, estimates)
+          for f in (cf.tangent_sums, form)]
+  (ww, ew, ee), (ww2, ew2, ee2) = (sums[:3] for sums in both)
+  np.testing.assert_allclose(ww2, ww, rtol=1e-6, atol=0)
+  np.testing.assert_allclose(ee2, ee, rtol=1e-6, atol=0)
+  # A signed sum: rounding relative to the terms' size, not to the sum's.
+  assert np.all(np.abs(ew2 - ew) <= 1e-6 * np.sqrt(ww * ee))
+
+
 @hypothesis.settings(max_examples=15, deadline=None)
 @hypothesis.given(seed=st.integers(0, 2 ** 16),
                   w_exp=st.integers(-30, 30), d_exp=st.integers(-30, 30),
@@ -724,13 +736,7 @@ def test_raw_sums_are_the_scaled_sums_where_they_serve(
   spec, w, d, estimates = _raw_sums_case(seed, w_exp, d_exp, per_neuron)
   band = cf.raw_exponent_band([spec], jnp.float32)
   assert cf.raw_sums_serve(estimates, band)
-  both = [jax.jit(form, static_argnums=(0, 3))(spec, w, d, None, estimates)
-          for form in (cf.tangent_sums, _raw_form)]
-  (ww, ew, ee), (ww2, ew2, ee2) = (sums[:3] for sums in both)
-  np.testing.assert_allclose(ww2, ww, rtol=1e-6, atol=0)
-  np.testing.assert_allclose(ee2, ee, rtol=1e-6, atol=0)
-  # A signed sum: rounding relative to the terms' size, not to the sum's.
-  assert np.all(np.abs(ew2 - ew) <= 1e-6 * np.sqrt(ww * ee))
+  _assert_scaled_sums(_raw_form, spec, w, d, estimates)
 
 
 @pytest.mark.parametrize('w_exp,d_exp,parallel', [
@@ -769,12 +775,7 @@ def test_raw_weights_sums_are_the_scaled_sums_for_weights_in_band(
                                          parallel)
   if parallel:
     assert np.any(estimates[-1] != 0)
-  both = [jax.jit(form, static_argnums=(0, 3))(spec, w, d, None, estimates)
-          for form in (cf.tangent_sums, _raw_weights_form)]
-  (ww, ew, ee), (ww2, ew2, ee2) = (sums[:3] for sums in both)
-  np.testing.assert_allclose(ww2, ww, rtol=1e-6, atol=0)
-  np.testing.assert_allclose(ee2, ee, rtol=1e-6, atol=0)
-  assert np.all(np.abs(ew2 - ew) <= 1e-6 * np.sqrt(ww * ee))
+  _assert_scaled_sums(_raw_weights_form, spec, w, d, estimates)
 
 
 @pytest.mark.parametrize('w_exp', [-60, 70])
