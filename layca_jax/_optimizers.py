@@ -69,8 +69,11 @@ def layca_sgd(
   ``optax.trace(momentum, nesterov)`` gives the direction (the gradient
   itself when ``momentum == 0``), then Layca projects it on the tangent
   space of each layer's sphere, scales it to the layer's norm, steps by
-  ``learning_rate`` and returns to the initial norm. The paper's default
-  rate is ``3 ** -3`` with step decays.
+  ``learning_rate`` and returns to the initial norm. The paper's rates, with
+  step decays: ``3 ** -3`` for plain SGD, ``3 ** -5`` with momentum 0.9 (the
+  authors' ``SGD_AMom_layca``, whose direction is this one's). Momentum
+  keeps a layer turning along its old direction for ~``1 / (1 - momentum)``
+  steps after the gradient changes, so it needs the lower rate.
 
   Args:
     learning_rate: the rotation rate ``rho`` (float or optax schedule).
@@ -86,12 +89,12 @@ def layca_sgd(
     >>> import layca_jax as lx
     >>> params = {'kernel': jnp.array([[1., 2.], [3., 4.]]), 'bias': jnp.ones(2)}
     >>> loss = lambda p: jnp.sum(p['kernel'] ** 3) + jnp.sum(p['bias'])
-    >>> tx = lx.layca_sgd(3.0 ** -3, momentum=0.9)
+    >>> tx = lx.layca_sgd(3.0 ** -5, momentum=0.9)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(jax.grad(loss)(params), state, params)
     >>> new = optax.apply_updates(params, updates)
-    >>> round(float(lx.step_rotation(params, new)['kernel']), 5)  # atan(1/27)
-    0.03702
+    >>> round(float(lx.step_rotation(params, new)['kernel']), 5)  # atan(1/243)
+    0.00412
     >>> bool(jnp.all(new['bias'] == params['bias']))  # frozen by default
     True
   """
