@@ -337,13 +337,19 @@ def raw_exponent_band(specs: Sequence[LayerSpec],
           (info.maxexp - 2 - log_n) // 2)
 
 
+def _in_band(exponent: jax.Array, band: tuple[int, int]) -> jax.Array:
+  """Per unit: a sample peak exponent within ``band``
+  (:func:`raw_exponent_band`)."""
+  lo, hi = band
+  return (exponent >= lo) & (exponent <= hi)
+
+
 def raw_sums_serve(estimates: Estimates, band: tuple[int, int]) -> jax.Array:
   """Whether :func:`raw_tangent_sums` give the units' sums: none is centred
   and every sample peak sits in ``band`` (:func:`raw_exponent_band`)."""
   w_exp, d_exp, centre = estimates
-  lo, hi = band
-  in_band = lambda e: jnp.all((e >= lo) & (e <= hi))
-  return jnp.all(centre == 0) & in_band(w_exp) & in_band(d_exp)
+  return (jnp.all(centre == 0) & jnp.all(_in_band(w_exp, band))
+          & jnp.all(_in_band(d_exp, band)))
 
 
 def raw_tangent_sums(spec: LayerSpec, w: jax.Array, d: jax.Array,
@@ -415,9 +421,7 @@ def scale_raw_weights_tangent_sums(raw: Sequence[jax.Array],
   """
   ww, ew, ee = raw
   w_exp, d_exp, centre = estimates
-  lo, hi = band
-  ew = jnp.where((w_exp >= lo) & (w_exp <= hi), nx.ldexp_exact(ew, -w_exp),
-                 jnp.nan)
+  ew = jnp.where(_in_band(w_exp, band), nx.ldexp_exact(ew, -w_exp), jnp.nan)
   return TangentSums(nx.ldexp_exact(ww, -2 * w_exp), ew, ee, w_exp, d_exp,
                      centre)
 
